@@ -1,0 +1,351 @@
+"""The event: one thing that happened, as it is stored, sent and handed to handlers."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Self, TypeVar
+
+from . import _json
+from ._types import JSON
+from .errors import EventValidationError
+
+__all__ = ["Event", "EventSource", "EventStatus", "event_type", "new_event", "uuid7"]
+
+T = TypeVar("T")
+UTC = dt.timezone.utc
+
+
+class EventSource(StrEnum):
+    """Where an event came from."""
+
+    DATABASE = "database"
+    WEBSOCKET = "websocket"
+    FRONTEND = "frontend"
+    SYSTEM = "system"
+    INTERNAL = "internal"
+
+
+class EventStatus(StrEnum):
+    """Where an event is in its life: pending → processing → completed | failed."""
+
+    PENDING = "pending"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+_SOURCES = {s.value: s for s in EventSource}
+_STATUSES = {s.value: s for s in EventStatus}
+
+
+def uuid7() -> str:
+    """A time-ordered UUID (version 7) in canonical text form.
+
+    Time order keeps freshly inserted ids on the right edge of a primary-key index, which is
+    what makes an events table cheap to insert into.
+    """
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    n = (ms << 80) | (0x7 << 76) | ((rand >> 62) & 0xFFF) << 64 | (0b10 << 62) | (rand & ((1 << 62) - 1))
+    h = f"{n:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(UTC)
+
+
+def event_type(schema: str, entity: str, operation: str) -> str:
+    """Join the three parts of a database event type: ``public.users.create``."""
+    return f"{schema}.{entity}.{operation}"
+
+
+@dataclass(slots=True, eq=True)
+class Event:
+    """One event. Mutable: the broker records its status, timestamps, retries and error.
+
+    Handlers each receive their own copy (:meth:`clone`), so one handler's changes never
+    reach another. Build events with :func:`new_event`; ``validate`` checks what a provider
+    needs before it stores one.
+    """
+
+    id: str = field(default_factory=uuid7)
+    source: EventSource = EventSource.SYSTEM
+    type: str = ""
+    status: EventStatus = EventStatus.PENDING
+    retry_count: int = 0
+    error: str = ""
+    payload: JSON = None
+    user_id: int | None = None
+    session_id: str = ""
+    instance_id: str = ""
+    schema: str = ""
+    entity: str = ""
+    operation: str = ""
+    created_at: dt.datetime = field(default_factory=_now)
+    processed_at: dt.datetime | None = None
+    completed_at: dt.datetime | None = None
+    metadata: dict[str, JSON] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Accept the plain strings too ("database"), as StrEnum members compare equal anyway.
+        src = _SOURCES.get(self.source)  # type: ignore[call-overload]
+        if src is not None:
+            self.source = src
+        st = _STATUSES.get(self.status)  # type: ignore[call-overload]
+        if st is not None:
+            self.status = st
+
+    @classmethod
+    def new(
+        cls,
+        source: EventSource | str,
+        type: str,
+        payload: object = None,
+        **fields: Any,
+    ) -> Event:
+        """Same as :func:`new_event`."""
+        return new_event(source, type, payload, **fields)
+
+    # -- payload -------------------------------------------------------------------------
+
+    def set_payload(self, value: object) -> None:
+        """Store the JSON form of ``value``.
+
+        Raises:
+            PayloadError: ``value`` holds something JSON cannot represent.
+        """
+        self.payload = _json.to_jsonable(value)
+
+    def get_payload(self, into: Callable[..., T] | None = None) -> T | JSON:
+        """Return the payload, or ``into(**payload)`` when a class is given."""
+        if into is None:
+            return self.payload
+        if not isinstance(self.payload, dict):
+            raise TypeError(
+                f"event {self.id}: payload is {type(self.payload).__name__}, "
+                f"cannot build {getattr(into, '__name__', into)!s} from it"
+            )
+        return into(**self.payload)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def clone(self) -> Event:
+        """A deep copy with the same id: a handler may change it freely."""
+        return Event(
+            self.id, self.source, self.type, self.status, self.retry_count, self.error,
+            copy.deepcopy(self.payload) if isinstance(self.payload, dict | list) else self.payload,
+            self.user_id, self.session_id, self.instance_id, self.schema, self.entity,
+            self.operation, self.created_at, self.processed_at, self.completed_at,
+            copy.deepcopy(self.metadata) if self.metadata else {},
+        )
+
+    def mark_processing(self) -> None:
+        """Status ``processing``; ``processed_at`` now."""
+        self.status = EventStatus.PROCESSING
+        self.processed_at = _now()
+
+    def mark_completed(self) -> None:
+        """Status ``completed``; ``completed_at`` now; the error cleared."""
+        self.status = EventStatus.COMPLETED
+        self.completed_at = _now()
+        self.error = ""
+
+    def mark_failed(self, error: str | BaseException) -> None:
+        """Status ``failed``; ``completed_at`` now; ``error`` holds the text."""
+        self.status = EventStatus.FAILED
+        self.completed_at = _now()
+        self.error = str(error)
+
+    def increment_retry(self) -> None:
+        """Count one more retry."""
+        self.retry_count += 1
+
+    def validate(self) -> None:
+        """Check the event can be stored and routed.
+
+        Raises:
+            EventValidationError: naming the field: empty id, source not an
+                ``EventSource``, empty type, unknown status.
+        """
+        if not isinstance(self.id, str) or not self.id:
+            raise EventValidationError("event.id: must be a non-empty string", field="id")
+        if not isinstance(self.source, EventSource):
+            raise EventValidationError(
+                f"event.source: {self.source!r} is not one of "
+                f"{', '.join(s.value for s in EventSource)}",
+                field="source",
+            )
+        if not isinstance(self.type, str) or not self.type:
+            raise EventValidationError("event.type: must be a non-empty string", field="type")
+        if not isinstance(self.status, EventStatus):
+            raise EventValidationError(
+                f"event.status: {self.status!r} is not one of "
+                f"{', '.join(s.value for s in EventStatus)}",
+                field="status",
+            )
+        if not isinstance(self.retry_count, int) or self.retry_count < 0:
+            raise EventValidationError(
+                f"event.retry_count: expected int >= 0, got {self.retry_count!r}",
+                field="retry_count",
+            )
+        if self.user_id is not None and (
+            not isinstance(self.user_id, int) or isinstance(self.user_id, bool)
+        ):
+            raise EventValidationError(
+                f"event.user_id: expected int or None, got {self.user_id!r}", field="user_id"
+            )
+        if not isinstance(self.created_at, dt.datetime) or self.created_at.tzinfo is None:
+            raise EventValidationError(
+                "event.created_at: expected a timezone-aware datetime", field="created_at"
+            )
+        if not isinstance(self.metadata, dict):
+            raise EventValidationError(
+                f"event.metadata: expected a dict, got {type(self.metadata).__name__}",
+                field="metadata",
+            )
+
+    # -- serialisation -------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, JSON]:
+        """A JSON-ready dict; timestamps as ISO-8601 text. ``from_dict`` inverts it exactly."""
+        return {
+            "id": self.id,
+            "source": str(self.source),
+            "type": self.type,
+            "status": str(self.status),
+            "retry_count": self.retry_count,
+            "error": self.error,
+            "payload": self.payload,
+            "user_id": self.user_id,
+            "session_id": self.session_id,
+            "instance_id": self.instance_id,
+            "schema": self.schema,
+            "entity": self.entity,
+            "operation": self.operation,
+            "created_at": self.created_at.isoformat(),
+            "processed_at": self.processed_at.isoformat() if self.processed_at else None,
+            "completed_at": self.completed_at.isoformat() if self.completed_at else None,
+            "metadata": self.metadata,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Self:
+        """Rebuild an event from :meth:`to_dict` output.
+
+        Raises:
+            EventValidationError: a field is missing or malformed; names it.
+        """
+        try:
+            return cls(
+                d["id"],
+                _enum(d, "source", _SOURCES),
+                d["type"],
+                _enum(d, "status", _STATUSES) if "status" in d else EventStatus.PENDING,
+                int(d.get("retry_count") or 0),
+                d.get("error") or "",
+                d.get("payload"),
+                d.get("user_id"),
+                d.get("session_id") or "",
+                d.get("instance_id") or "",
+                d.get("schema") or "",
+                d.get("entity") or "",
+                d.get("operation") or "",
+                _time(d, "created_at") or _now(),
+                _time(d, "processed_at"),
+                _time(d, "completed_at"),
+                dict(d.get("metadata") or {}),
+            )
+        except KeyError as exc:
+            raise EventValidationError(f"event.{exc.args[0]}: missing", field=exc.args[0]) from None
+
+    def to_json(self) -> str:
+        """Compact JSON text of :meth:`to_dict`."""
+        return _json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Self:
+        """Rebuild an event from :meth:`to_json` output."""
+        try:
+            data = _json.loads(text)
+        except ValueError as exc:
+            raise EventValidationError(f"event: not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise EventValidationError("event: JSON text is not an object")
+        return cls.from_dict(data)
+
+
+def _enum(d: Mapping[str, Any], key: str, members: Mapping[str, Any]) -> Any:
+    value = d[key]
+    try:
+        return members[value]
+    except (KeyError, TypeError):
+        raise EventValidationError(
+            f"event.{key}: {value!r} is not one of {', '.join(members)}", field=key
+        ) from None
+
+
+def _time(d: Mapping[str, Any], key: str) -> dt.datetime | None:
+    value = d.get(key)
+    if value is None or value == "":
+        return None
+    if isinstance(value, dt.datetime):
+        parsed = value
+    else:
+        try:
+            parsed = dt.datetime.fromisoformat(value)
+        except (TypeError, ValueError):
+            raise EventValidationError(
+                f"event.{key}: {value!r} is not an ISO-8601 timestamp", field=key
+            ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed
+
+
+def new_event(
+    source: EventSource | str,
+    type: str,
+    payload: object = None,
+    *,
+    user_id: int | None = None,
+    session_id: str = "",
+    instance_id: str = "",
+    metadata: Mapping[str, object] | None = None,
+) -> Event:
+    """A fresh pending event with a new id and ``created_at`` now.
+
+    A three-segment type such as ``public.users.create`` also fills ``schema``, ``entity``
+    and ``operation``. ``payload`` is stored in its JSON form (see ``Event.set_payload``).
+
+    Raises:
+        PayloadError: the payload or metadata hold something JSON cannot represent.
+    """
+    schema = entity = operation = ""
+    if type.count(".") == 2:
+        schema, entity, operation = type.split(".")
+    return Event(
+        uuid7(),
+        _SOURCES.get(source, source),  # type: ignore[arg-type]
+        type,
+        EventStatus.PENDING,
+        0,
+        "",
+        _json.to_jsonable(payload) if payload is not None else None,
+        user_id,
+        session_id,
+        instance_id,
+        schema,
+        entity,
+        operation,
+        _now(),
+        None,
+        None,
+        _json.to_jsonable(dict(metadata), "metadata") if metadata else {},  # type: ignore[arg-type]
+    )
