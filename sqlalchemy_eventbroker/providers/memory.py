@@ -1,0 +1,371 @@
+"""In-process provider: a bounded event store plus in-memory fan-out and consumer groups.
+
+Backend: a dict in this process. Delivery: to streams and groups of brokers sharing this
+provider *object* (several brokers in one process form one bus); nothing crosses processes
+and nothing survives a restart. Ordering: publish order, per stream and per group.
+``group``: members of a ``(group, pattern)`` share a queue; an unacknowledged delivery goes
+back to the queue when its lease expires. The store keeps at most ``max_events`` events,
+evicting the least recently used, and a background sweep drops completed events whose
+``completed_at`` is older than ``max_age``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import collections
+import datetime as dt
+import itertools
+import threading
+import time
+from collections.abc import Sequence
+from typing import Self
+
+from ..errors import ProviderError
+from ..event import Event, EventStatus
+from ..pattern import compile_pattern, validate_pattern
+from .base import EventFilter, ProviderBase, ProviderStats, QueueEventStream
+
+__all__ = ["MemoryProvider"]
+
+UTC = dt.timezone.utc
+
+
+class MemoryProvider(ProviderBase):
+    """Events in a dict, delivered between brokers of this process.
+
+    Thread-safe. Use it for tests, single-process applications and the quick start; switch to
+    a database, Redis or NATS provider for several processes without changing handler code.
+    """
+
+    def __init__(
+        self, max_events: int = 10000, cleanup_interval: float = 300.0, max_age: float = 86400.0
+    ) -> None:
+        if isinstance(max_events, bool) or not isinstance(max_events, int) or max_events < 1:
+            raise ValueError(f"max_events: expected int >= 1, got {max_events!r}")
+        if cleanup_interval <= 0:
+            raise ValueError(f"cleanup_interval: expected seconds > 0, got {cleanup_interval!r}")
+        if max_age < 0:
+            raise ValueError(f"max_age: expected seconds >= 0, got {max_age!r}")
+        self.max_events = max_events
+        self.cleanup_interval = float(cleanup_interval)
+        self.max_age = float(max_age)
+        self._lock = threading.RLock()
+        # id -> (insertion seq, event); OrderedDict order is recency for LRU eviction.
+        self._events: collections.OrderedDict[str, tuple[int, Event]] = collections.OrderedDict()
+        self._seq = itertools.count(1)
+        self._streams: list[QueueEventStream] = []
+        self._groups: dict[tuple[str, str], _Group] = {}
+        self._published = 0
+        self._consumed = 0
+        self._evicted = 0
+        self._closed = False
+        self._stop = threading.Event()
+        self._sweeper = threading.Thread(
+            target=self._sweep_loop, name="eventbroker-memory-cleanup", daemon=True
+        )
+        self._sweeper.start()
+
+    # -- store -----------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ProviderError("memory provider is closed")
+
+    def store(self, event: Event) -> None:
+        copy = event.clone()
+        with self._lock:
+            self._check_open()
+            old = self._events.pop(copy.id, None)
+            seq = old[0] if old is not None else next(self._seq)
+            self._events[copy.id] = (seq, copy)
+            while len(self._events) > self.max_events:
+                self._events.popitem(last=False)
+                self._evicted += 1
+
+    def store_many(self, events: Sequence[Event]) -> None:
+        for event in events:
+            self.store(event)
+
+    def get(self, event_id: str) -> Event | None:
+        with self._lock:
+            self._check_open()
+            item = self._events.get(event_id)
+            if item is None:
+                return None
+            self._events.move_to_end(event_id)
+            return item[1].clone()
+
+    def list(self, filter: EventFilter | None = None) -> builtins.list[Event]:  # noqa: A002
+        flt = filter or EventFilter()
+        with self._lock:
+            self._check_open()
+            found = [item for item in self._events.values() if flt.matches(item[1])]
+        found.sort(key=lambda item: (item[1].created_at, item[0]))
+        selected = found[flt.offset:]
+        if flt.limit:
+            selected = selected[: flt.limit]
+        return [event.clone() for _, event in selected]
+
+    def update_status(
+        self, event_id: str, status: EventStatus, error: str = "", *, retry_count: int | None = None
+    ) -> None:
+        status = EventStatus(status)
+        with self._lock:
+            self._check_open()
+            item = self._events.get(event_id)
+            if item is None:
+                return
+            event = item[1]
+            now = dt.datetime.now(UTC)
+            event.status = status
+            event.error = error
+            if retry_count is not None:
+                event.retry_count = retry_count
+            if status is EventStatus.PROCESSING:
+                event.processed_at = now
+            elif status in (EventStatus.COMPLETED, EventStatus.FAILED):
+                event.completed_at = now
+                if event.processed_at is None:
+                    event.processed_at = now
+
+    def delete(self, event_id: str) -> None:
+        with self._lock:
+            self._check_open()
+            self._events.pop(event_id, None)
+
+    def cleanup(self) -> int:
+        """Drop completed events older than ``max_age``; returns how many went."""
+        cutoff = dt.datetime.now(UTC) - dt.timedelta(seconds=self.max_age)
+        with self._lock:
+            old = [
+                eid for eid, (_, e) in self._events.items()
+                if e.status is EventStatus.COMPLETED and e.completed_at is not None
+                and e.completed_at < cutoff
+            ]
+            for eid in old:
+                del self._events[eid]
+        return len(old)
+
+    def _sweep_loop(self) -> None:
+        while not self._stop.wait(self.cleanup_interval):
+            try:
+                self.cleanup()
+            except Exception:  # pragma: no cover - never let the sweeper die
+                pass
+
+    # -- transport -------------------------------------------------------------------
+
+    def publish(self, event: Event) -> None:
+        self.publish_many((event,))
+
+    def publish_many(self, events: Sequence[Event]) -> None:
+        with self._lock:
+            self._check_open()
+            streams = list(self._streams)
+            groups = list(self._groups.values())
+            self._published += len(events)
+        for event in events:
+            for stream in streams:
+                if stream.wants(event.type):
+                    stream._put(event.clone())
+            for group in groups:
+                if group.match(event.type):
+                    group.push(event.clone())
+
+    def stream(self, pattern: str) -> QueueEventStream:
+        validate_pattern(pattern)
+        stream = _CountingStream(self, pattern, on_close=self._drop_stream)
+        with self._lock:
+            self._check_open()
+            self._streams.append(stream)
+        return stream
+
+    def _drop_stream(self, stream: QueueEventStream) -> None:
+        with self._lock:
+            if stream in self._streams:
+                self._streams.remove(stream)
+
+    def group_stream(self, pattern: str, group: str, *, lease: float = 30.0) -> _GroupStream:
+        validate_pattern(pattern)
+        if not group:
+            raise ValueError("group: must be a non-empty string")
+        with self._lock:
+            self._check_open()
+            state = self._groups.get((group, pattern))
+            if state is None:
+                state = self._groups[(group, pattern)] = _Group(pattern, group)
+            state.members += 1
+        return _GroupStream(self, state, lease)
+
+    def _count_consumed(self) -> None:
+        with self._lock:
+            self._consumed += 1
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def stats(self) -> ProviderStats:
+        with self._lock:
+            counts = collections.Counter(e.status for _, e in self._events.values())
+            return ProviderStats(
+                provider_type="memory",
+                total_events=len(self._events),
+                pending_events=counts[EventStatus.PENDING],
+                processing_events=counts[EventStatus.PROCESSING],
+                completed_events=counts[EventStatus.COMPLETED],
+                failed_events=counts[EventStatus.FAILED],
+                events_published=self._published,
+                events_consumed=self._consumed,
+                active_subscribers=len(self._streams)
+                + sum(g.members for g in self._groups.values()),
+                provider_specific={
+                    "max_events": self.max_events,
+                    "evicted_events": self._evicted,
+                    "groups": len(self._groups),
+                    "group_backlog": sum(g.backlog() for g in self._groups.values()),
+                },
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            streams = list(self._streams)
+            groups = list(self._groups.values())
+        self._stop.set()
+        for stream in streams:
+            stream.close()
+        for group in groups:
+            group.close()
+        if self._sweeper is not threading.current_thread():
+            self._sweeper.join(timeout=5)
+
+    def _repr_target(self) -> str:
+        return f"max_events={self.max_events}"
+
+
+class _CountingStream(QueueEventStream):
+    def __init__(self, provider: MemoryProvider, pattern: str, on_close: object) -> None:
+        super().__init__(pattern, on_close=on_close)
+        self._provider = provider
+
+    def receive(self, timeout: float | None = None) -> Event | None:
+        event = super().receive(timeout)
+        if event is not None:
+            self._provider._count_consumed()
+        return event
+
+
+class _Group:
+    """One consumer group's shared state: a queue and the leases out."""
+
+    def __init__(self, pattern: str, name: str) -> None:
+        self.match = compile_pattern(pattern)
+        self.name = name
+        self.members = 0
+        self.cond = threading.Condition()
+        self.ready: collections.deque[Event] = collections.deque()
+        #: event id -> (lease deadline on the monotonic clock, event, lease token)
+        self.leased: dict[str, tuple[float, Event, int]] = {}
+        self.tokens = itertools.count(1)
+        self.closed = False
+
+    def push(self, event: Event) -> None:
+        with self.cond:
+            self.ready.append(event)
+            self.cond.notify()
+
+    def backlog(self) -> int:
+        with self.cond:
+            return len(self.ready) + len(self.leased)
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+    def _requeue_expired(self, now: float) -> float | None:
+        """Put expired leases back in front; return the next deadline, if any."""
+        next_deadline: float | None = None
+        expired = []
+        for eid, (deadline, event, _) in self.leased.items():
+            if deadline <= now:
+                expired.append(eid)
+            elif next_deadline is None or deadline < next_deadline:
+                next_deadline = deadline
+        # Back to the front, in their original order, so redelivery keeps publish order.
+        self.ready.extendleft(reversed([self.leased.pop(eid)[1] for eid in expired]))
+        return next_deadline
+
+
+class _Delivery:
+    __slots__ = ("event", "_group", "_lease", "_token", "_acked")
+
+    def __init__(self, group: _Group, event: Event, lease: float, token: int) -> None:
+        self.event = event
+        self._group = group
+        self._lease = lease
+        self._token = token
+        self._acked = False
+
+    def _current(self) -> bool:
+        item = self._group.leased.get(self.event.id)
+        return item is not None and item[2] == self._token
+
+    def ack(self) -> None:
+        with self._group.cond:
+            if self._current():
+                del self._group.leased[self.event.id]
+            self._acked = True
+
+    def renew(self) -> None:
+        with self._group.cond:
+            if self._current():
+                _, event, token = self._group.leased[self.event.id]
+                self._group.leased[self.event.id] = (time.monotonic() + self._lease, event, token)
+
+
+class _GroupStream:
+    def __init__(self, provider: MemoryProvider, group: _Group, lease: float) -> None:
+        if lease <= 0:
+            raise ValueError(f"lease: expected seconds > 0, got {lease!r}")
+        self._provider = provider
+        self._group = group
+        self._lease = float(lease)
+        self._closed = False
+
+    def receive(self, timeout: float | None = None) -> _Delivery | None:
+        g = self._group
+        end = None if timeout is None else time.monotonic() + timeout
+        with g.cond:
+            while True:
+                if self._closed or g.closed:
+                    raise StopIteration
+                now = time.monotonic()
+                next_deadline = g._requeue_expired(now)
+                if g.ready:
+                    event = g.ready.popleft()
+                    token = next(g.tokens)
+                    g.leased[event.id] = (now + self._lease, event, token)
+                    self._provider._count_consumed()
+                    return _Delivery(g, event.clone(), self._lease, token)
+                wait_until = end
+                if next_deadline is not None and (wait_until is None or next_deadline < wait_until):
+                    wait_until = next_deadline
+                if end is not None and now >= end:
+                    return None
+                g.cond.wait(None if wait_until is None else max(0.0, wait_until - now))
+
+    def close(self) -> None:
+        with self._group.cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._group.members -= 1
+            self._group.cond.notify_all()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
