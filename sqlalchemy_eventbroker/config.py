@@ -1,0 +1,604 @@
+"""Configuration: ``EventBrokerConfig`` (a frozen dataclass per section) and ``load_config``.
+
+A configuration comes from a YAML file, a YAML string or a dict, with the options either at
+the top level or under an ``event_broker:`` key::
+
+    event_broker:
+      enabled: true
+      provider: memory          # memory | database | redis | nats
+      mode: async               # sync | async
+      worker_count: 10
+      buffer_size: 1000
+      instance_id: "${HOSTNAME:-api-1}"
+      retry_policy: {max_retries: 3, initial_delay: 1s, max_delay: 30s, backoff_factor: 2.0}
+      memory: {max_events: 10000, cleanup_interval: 5m, max_age: 24h}
+      database: {url: "postgresql+psycopg://127.0.0.1/app", table_name: events,
+                 channel: eventbroker_events}
+      redis: {host: 127.0.0.1, port: 6379, db: 0, password: "",
+              stream_name: "eventbroker:events", consumer_group: eventbroker-workers}
+      nats: {url: "nats://127.0.0.1:4222", stream_name: EVENTBROKER_EVENTS}
+
+Rules, all enforced with :class:`~sqlalchemy_eventbroker.errors.ConfigError` whose ``.path``
+is the dotted key path (always starting ``event_broker.``) and whose message says what was
+expected and what was found:
+
+* Every key is known; an unknown key is an error (a typo never silently becomes a default).
+* When a document has an ``event_broker`` key, only that key is read, so the section can live
+  in an application's own config file beside unrelated keys.
+* ``${VAR}`` and ``${VAR:-default}`` in string values expand from the environment (``:-`` uses
+  the default when the variable is unset *or* empty, as in the shell); ``$${`` is a literal
+  ``${``. An unset variable without a default is an error naming it.
+* Numbers and booleans may be given as strings (``"10"``, ``"true"``), so that values can come
+  from environment variables.
+* Durations are numbers of seconds or strings with a unit: ``"500ms"``, ``"1s"``, ``"2m"``,
+  ``"24h"``, ``"1d"``; they end up as float seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import quote
+
+from ._types import JSON
+from .errors import ConfigError
+from .retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from .providers.base import Provider
+
+__all__ = [
+    "DatabaseConfig",
+    "EventBrokerConfig",
+    "MemoryConfig",
+    "NatsConfig",
+    "RedisConfig",
+    "build_provider",
+    "load_config",
+    "parse_duration",
+]
+
+ROOT = "event_broker"
+
+ProviderName = Literal["memory", "database", "redis", "nats"]
+ModeName = Literal["sync", "async"]
+PROVIDERS: tuple[str, ...] = ("memory", "database", "redis", "nats")
+MODES: tuple[str, ...] = ("sync", "async")
+
+
+# -- value checkers ------------------------------------------------------------------------
+#
+# Each takes the raw value and its dotted path and returns the normalised value or raises
+# ConfigError. The dataclasses run them in __post_init__, so objects built in Python are
+# checked exactly like loaded ones.
+
+
+def _fail(path: str, expected: str, value: object) -> ConfigError:
+    return ConfigError(f"{path}: expected {expected}, got {value!r}", path=path)
+
+
+def _as_int(value: object, path: str, *, minimum: int, maximum: int | None = None) -> int:
+    expected = f"int >= {minimum}" if maximum is None else f"int from {minimum} to {maximum}"
+    result: int
+    if isinstance(value, bool):
+        raise _fail(path, expected, value)
+    if isinstance(value, int):
+        result = value
+    elif (isinstance(value, float) and value.is_integer()) or (
+        isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value)
+    ):
+        result = int(value)
+    else:
+        raise _fail(path, expected, value)
+    if result < minimum or (maximum is not None and result > maximum):
+        raise _fail(path, expected, value)
+    return result
+
+
+def _as_float(value: object, path: str, *, minimum: float) -> float:
+    expected = f"a number >= {minimum:g}"
+    result: float
+    if isinstance(value, bool):
+        raise _fail(path, expected, value)
+    if isinstance(value, int | float):
+        result = float(value)
+    elif isinstance(value, str):
+        try:
+            result = float(value)
+        except ValueError:
+            raise _fail(path, expected, value) from None
+    else:
+        raise _fail(path, expected, value)
+    if not math.isfinite(result) or result < minimum:
+        raise _fail(path, expected, value)
+    return result
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _as_bool(value: object, path: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+    raise _fail(path, "a boolean (true or false)", value)
+
+
+def _as_str(value: object, path: str, *, required: bool = True) -> str:
+    # Numbers are accepted because YAML turns `instance_id: 42` into an int.
+    if isinstance(value, bool) or (value is not None and not isinstance(value, str | int | float)):
+        raise _fail(path, "a string", value)
+    text = "" if value is None else str(value)
+    if required and not text.strip():
+        raise _fail(path, "a non-empty string", value)
+    return text
+
+
+def _as_choice(value: object, path: str, choices: tuple[str, ...]) -> str:
+    expected = "one of " + ", ".join(choices)
+    if isinstance(value, str) and value.strip().lower() in choices:
+        return value.strip().lower()
+    raise _fail(path, expected, value)
+
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_DURATION_EXPECTED = "a duration (seconds, or a number with ms, s, m, h or d such as '500ms' or '2m')"
+
+
+def parse_duration(value: object, path: str = "duration", *, positive: bool = False) -> float:
+    """Seconds in ``value``: a number, or a string such as ``"500ms"``, ``"1s"``, ``"2m"``,
+    ``"24h"``, ``"1d"`` (a bare number string means seconds).
+
+    Raises:
+        ConfigError: the value is not a duration, or is negative (or zero when ``positive``).
+    """
+    expected = _DURATION_EXPECTED + (" > 0" if positive else "")
+    seconds: float
+    if isinstance(value, bool):
+        raise _fail(path, expected, value)
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.fullmatch(value)):
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        raise _fail(path, expected, value)
+    if not math.isfinite(seconds) or seconds < 0 or (positive and seconds == 0):
+        raise _fail(path, expected, value)
+    return seconds
+
+
+def _set(obj: object, name: str, value: object) -> None:
+    object.__setattr__(obj, name, value)
+
+
+# -- sections ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MemoryConfig:
+    """``event_broker.memory``: options of ``MemoryProvider``."""
+
+    #: Events kept before the least recently used are evicted.
+    max_events: int = 10000
+    #: Seconds between sweeps of old completed events.
+    cleanup_interval: float = 300.0
+    #: Seconds a completed event is kept, counted from ``completed_at``.
+    max_age: float = 86400.0
+
+    def __post_init__(self) -> None:
+        p = f"{ROOT}.memory"
+        _set(self, "max_events", _as_int(self.max_events, f"{p}.max_events", minimum=1))
+        _set(self, "cleanup_interval",
+             parse_duration(self.cleanup_interval, f"{p}.cleanup_interval", positive=True))
+        _set(self, "max_age", parse_duration(self.max_age, f"{p}.max_age"))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DatabaseConfig:
+    """``event_broker.database``: options of ``DatabaseProvider``."""
+
+    #: SQLAlchemy URL of the database that holds the events table; required for this provider.
+    url: str = ""
+    #: Name of the events table.
+    table_name: str = "events"
+    #: PostgreSQL LISTEN/NOTIFY channel.
+    channel: str = "eventbroker_events"
+
+    def __post_init__(self) -> None:
+        p = f"{ROOT}.database"
+        _set(self, "url", _as_str(self.url, f"{p}.url", required=False))
+        _set(self, "table_name", _as_str(self.table_name, f"{p}.table_name"))
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.table_name):
+            raise _fail(f"{p}.table_name", "a table name (letters, digits, _)", self.table_name)
+        _set(self, "channel", _as_str(self.channel, f"{p}.channel"))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RedisConfig:
+    """``event_broker.redis``: where Redis is and which stream and group to use."""
+
+    host: str = "127.0.0.1"
+    port: int = 6379
+    db: int = 0
+    password: str = field(default="", repr=False)
+    stream_name: str = "eventbroker:events"
+    consumer_group: str = "eventbroker-workers"
+
+    def __post_init__(self) -> None:
+        p = f"{ROOT}.redis"
+        _set(self, "host", _as_str(self.host, f"{p}.host"))
+        _set(self, "port", _as_int(self.port, f"{p}.port", minimum=1, maximum=65535))
+        _set(self, "db", _as_int(self.db, f"{p}.db", minimum=0))
+        _set(self, "password", _as_str(self.password, f"{p}.password", required=False))
+        _set(self, "stream_name", _as_str(self.stream_name, f"{p}.stream_name"))
+        _set(self, "consumer_group", _as_str(self.consumer_group, f"{p}.consumer_group"))
+
+    @property
+    def url(self) -> str:
+        """``redis://[:password@]host:port/db``, the password percent-encoded."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}{host}:{self.port}/{self.db}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NatsConfig:
+    """``event_broker.nats``: the NATS server and JetStream stream."""
+
+    url: str = "nats://127.0.0.1:4222"
+    stream_name: str = "EVENTBROKER_EVENTS"
+
+    def __post_init__(self) -> None:
+        p = f"{ROOT}.nats"
+        _set(self, "url", _as_str(self.url, f"{p}.url"))
+        _set(self, "stream_name", _as_str(self.stream_name, f"{p}.stream_name"))
+
+
+def _check_retry_policy(value: object, path: str) -> RetryPolicy:
+    if isinstance(value, RetryPolicy):
+        return value
+    if not isinstance(value, Mapping):
+        raise _fail(path, "a mapping", value)
+    _reject_unknown(value, ("max_retries", "initial_delay", "max_delay", "backoff_factor",
+                            "jitter"), path)
+    d = RetryPolicy()
+    return RetryPolicy(
+        max_retries=_as_int(value.get("max_retries", d.max_retries), f"{path}.max_retries",
+                            minimum=0),
+        initial_delay=parse_duration(value.get("initial_delay", d.initial_delay),
+                                     f"{path}.initial_delay"),
+        max_delay=parse_duration(value.get("max_delay", d.max_delay), f"{path}.max_delay"),
+        backoff_factor=_as_float(value.get("backoff_factor", d.backoff_factor),
+                                 f"{path}.backoff_factor", minimum=1.0),
+        jitter=_as_bool(value.get("jitter", d.jitter), f"{path}.jitter"),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EventBrokerConfig:
+    """The whole configuration: broker options plus one section per provider.
+
+    Only the section of the chosen ``provider`` is used; the others keep their defaults.
+    Built by :func:`load_config`, or directly in Python (values are checked the same way;
+    a section may also be given as a mapping).
+
+    Raises:
+        ConfigError: a value is wrong; ``.path`` names it.
+    """
+
+    #: ``False`` turns the library off: ``initialize`` starts nothing (see ``default``).
+    enabled: bool = True
+    #: Which provider stores and carries events.
+    provider: ProviderName = "memory"
+    #: ``async``: a queue and worker threads; ``sync``: handlers run in the publishing thread.
+    mode: ModeName = "async"
+    #: Worker threads in async mode.
+    worker_count: int = 10
+    #: Capacity of the async queue; a full queue makes publish raise ``QueueFull``.
+    buffer_size: int = 1000
+    #: This broker's name on the bus; empty means the host name.
+    instance_id: str = ""
+    retry_policy: RetryPolicy = field(default_factory=RetryPolicy)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    nats: NatsConfig = field(default_factory=NatsConfig)
+
+    def __post_init__(self) -> None:
+        p = ROOT
+        _set(self, "enabled", _as_bool(self.enabled, f"{p}.enabled"))
+        _set(self, "provider", _as_choice(self.provider, f"{p}.provider", PROVIDERS))
+        _set(self, "mode", _as_choice(self.mode, f"{p}.mode", MODES))
+        _set(self, "worker_count", _as_int(self.worker_count, f"{p}.worker_count", minimum=1))
+        _set(self, "buffer_size", _as_int(self.buffer_size, f"{p}.buffer_size", minimum=1))
+        _set(self, "instance_id", _as_str(self.instance_id, f"{p}.instance_id", required=False))
+        _set(self, "retry_policy", _check_retry_policy(self.retry_policy, f"{p}.retry_policy"))
+        for name, cls in _SECTIONS.items():
+            _set(self, name, _section(getattr(self, name), cls, f"{p}.{name}"))
+        if self.provider == "database" and not self.database.url.strip():
+            raise ConfigError(
+                f"{p}.database.url: expected a database URL when provider is 'database', got ''",
+                path=f"{p}.database.url",
+            )
+
+    def to_dict(self, *, redact: bool = False) -> dict[str, JSON]:
+        """The configuration as plain data (durations in seconds), as ``load_config`` takes it.
+
+        With ``redact``, passwords (the Redis password and any in the database URL) are
+        replaced by ``***``, for printing.
+        """
+        out: dict[str, JSON] = {
+            name: getattr(self, name)
+            for name in ("enabled", "provider", "mode", "worker_count", "buffer_size",
+                         "instance_id")
+        }
+        for name in ("retry_policy", *_SECTIONS):
+            section = getattr(self, name)
+            out[name] = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+        if redact:
+            redis = out["redis"]
+            database = out["database"]
+            assert isinstance(redis, dict) and isinstance(database, dict)
+            if redis["password"]:
+                redis["password"] = "***"
+            database["url"] = _redact_url(self.database.url)
+        return out
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "memory": MemoryConfig,
+    "database": DatabaseConfig,
+    "redis": RedisConfig,
+    "nats": NatsConfig,
+}
+
+
+def _section(value: object, cls: type[Any], path: str) -> Any:
+    if isinstance(value, cls):
+        return value
+    if value is None:
+        return cls()
+    if not isinstance(value, Mapping):
+        raise _fail(path, "a mapping", value)
+    names = tuple(f.name for f in dataclasses.fields(cls))
+    _reject_unknown(value, names, path)
+    return cls(**{str(k): v for k, v in value.items()})
+
+
+def _reject_unknown(mapping: Mapping[Any, Any], known: tuple[str, ...], path: str) -> None:
+    for key in mapping:
+        if key not in known:
+            key_path = f"{path}.{key}"
+            raise ConfigError(
+                f"{key_path}: unknown key; expected one of {', '.join(known)}", path=key_path
+            )
+
+
+def _redact_url(url: str) -> str:
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+# -- loading -------------------------------------------------------------------------------
+
+_TOP_LEVEL = ("enabled", "provider", "mode", "worker_count", "buffer_size", "instance_id",
+              "retry_policy", *_SECTIONS)
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(text: str, path: str, env: Mapping[str, str]) -> str:
+    out: list[str] = []
+    i = 0
+    while True:
+        j = text.find("$", i)
+        if j < 0:
+            out.append(text[i:])
+            return "".join(out)
+        out.append(text[i:j])
+        if text.startswith("$${", j):
+            out.append("${")
+            i = j + 3
+            continue
+        if not text.startswith("${", j):
+            out.append("$")
+            i = j + 1
+            continue
+        m = _VAR.match(text, j)
+        if m is None:
+            raise ConfigError(
+                f"{path}: malformed variable reference in {text!r}; expected ${{NAME}} or "
+                f"${{NAME:-default}}",
+                path=path,
+            )
+        name, default = m.group(1), m.group(2)
+        value = env.get(name)
+        if default is not None:
+            out.append(value if value else default)
+        elif value is None:
+            raise ConfigError(
+                f"{path}: environment variable {name} is not set "
+                f"(write ${{{name}:-default}} to give a default)",
+                path=path,
+            )
+        else:
+            out.append(value)
+        i = m.end()
+
+
+def _expand_all(value: object, path: str, env: Mapping[str, str]) -> object:
+    if isinstance(value, str):
+        return _expand(value, path, env)
+    if isinstance(value, Mapping):
+        return {k: _expand_all(v, f"{path}.{k}", env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_all(v, f"{path}[{i}]", env) for i, v in enumerate(value)]
+    return value
+
+
+def _looks_like_path(text: str) -> bool:
+    if "\n" in text or not text.strip():
+        return False
+    return text.endswith((".yaml", ".yml")) or os.path.isfile(text)
+
+
+def _read_yaml(text: str, origin: str) -> object:
+    import yaml  # type: ignore[import-untyped,unused-ignore]
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        detail = " ".join(str(exc).split())
+        raise ConfigError(f"{ROOT}: {origin} is not valid YAML: {detail}", path=ROOT) from exc
+
+
+def load_config(
+    source: str | os.PathLike[str] | Mapping[str, Any] | EventBrokerConfig,
+    *,
+    env: Mapping[str, str] | None = None,
+) -> EventBrokerConfig:
+    """Read and check a configuration.
+
+    Args:
+        source: a path (``str`` or ``os.PathLike``) to a YAML file, YAML text, a mapping, or an
+            ``EventBrokerConfig`` (returned as it is). A ``str`` is taken as a path when it is
+            one line and names an existing file or ends in ``.yaml``/``.yml``; otherwise as
+            YAML text. Empty text means all defaults.
+        env: variables for ``${VAR}`` expansion; defaults to ``os.environ``.
+
+    Raises:
+        ConfigError: the file cannot be read, the YAML does not parse, a key is unknown, a
+            value is wrong, or a referenced variable is unset; ``.path`` names the key.
+    """
+    if isinstance(source, EventBrokerConfig):
+        return source
+    data: object
+    if isinstance(source, Mapping):
+        data = source
+    elif isinstance(source, os.PathLike) or (isinstance(source, str) and _looks_like_path(source)):
+        filename = os.fspath(source)
+        try:
+            with open(filename, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as exc:
+            raise ConfigError(
+                f"{ROOT}: cannot read config file {filename!r}: {exc.strerror or exc}", path=ROOT
+            ) from exc
+        data = _read_yaml(text, f"config file {filename!r}")
+    elif isinstance(source, str):
+        data = _read_yaml(source, "the config text")
+    else:
+        raise ConfigError(
+            f"{ROOT}: expected a YAML file path, YAML text or a mapping, "
+            f"got {type(source).__name__}",
+            path=ROOT,
+        )
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        hint = " (or the path of an existing YAML file)" if isinstance(source, str) else ""
+        raise ConfigError(
+            f"{ROOT}: expected a mapping of options{hint}, got {data!r:.80}", path=ROOT
+        )
+    if ROOT in data:
+        data = data[ROOT]
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise _fail(ROOT, "a mapping of options", data)
+    for key in data:
+        if not isinstance(key, str):
+            raise ConfigError(f"{ROOT}.{key}: keys must be strings", path=f"{ROOT}.{key}")
+    _reject_unknown(data, _TOP_LEVEL, ROOT)
+    expanded = _expand_all(data, ROOT, os.environ if env is None else env)
+    assert isinstance(expanded, dict)
+    return EventBrokerConfig(**expanded)
+
+
+# -- building ------------------------------------------------------------------------------
+
+#: The top-level module a missing driver raises ImportError for → the extra that installs it.
+_DRIVER_EXTRAS = {
+    "psycopg": "postgres",
+    "psycopg_binary": "postgres",
+    "psycopg_c": "postgres",
+    "psycopg2": "postgres",
+    "redis": "redis",
+    "nats": "nats",
+}
+
+
+def build_provider(config: EventBrokerConfig) -> Provider:
+    """Create the provider that ``config.provider`` names, from its section.
+
+    The provider's module is imported here, lazily, so choosing ``memory`` never needs an
+    extra. It is not started or connected beyond what its constructor does.
+
+    Raises:
+        ConfigError: the provider's driver is not installed; the message names the
+            ``pip install 'sqlalchemy-eventbroker[...]'`` command.
+        ProviderError: the provider's constructor could not reach its backend.
+    """
+    name = config.provider
+    try:
+        return _BUILDERS[name](config)
+    except ImportError as exc:
+        missing = (exc.name or "").split(".")[0]
+        extra = _DRIVER_EXTRAS.get(missing)
+        if extra is None:
+            raise
+        raise ConfigError(
+            f"{ROOT}.provider: the {name} provider needs the {missing} package, which is not "
+            f"installed: pip install 'sqlalchemy-eventbroker[{extra}]'",
+            path=f"{ROOT}.provider",
+        ) from exc
+
+
+def _memory(config: EventBrokerConfig) -> Provider:
+    from .providers.memory import MemoryProvider
+
+    c = config.memory
+    return MemoryProvider(c.max_events, c.cleanup_interval, c.max_age)
+
+
+def _database(config: EventBrokerConfig) -> Provider:
+    from .providers.database import DatabaseProvider  # type: ignore[import-not-found,import-untyped,unused-ignore]
+
+    c = config.database
+    return DatabaseProvider(  # type: ignore[no-any-return,unused-ignore]
+        c.url, table_name=c.table_name, channel=c.channel
+    )
+
+
+def _redis(config: EventBrokerConfig) -> Provider:
+    from .providers.redis import RedisProvider  # type: ignore[import-not-found,import-untyped,unused-ignore]
+
+    c = config.redis
+    return RedisProvider(  # type: ignore[no-any-return,unused-ignore]
+        c.url, stream_name=c.stream_name, consumer_group=c.consumer_group
+    )
+
+
+def _nats(config: EventBrokerConfig) -> Provider:
+    from .providers.nats import NatsProvider  # type: ignore[import-not-found,import-untyped,unused-ignore]
+
+    c = config.nats
+    return NatsProvider(c.url, stream_name=c.stream_name)  # type: ignore[no-any-return,unused-ignore]
+
+
+_BUILDERS: dict[str, Callable[[EventBrokerConfig], Provider]] = {
+    "memory": _memory,
+    "database": _database,
+    "redis": _redis,
+    "nats": _nats,
+}
