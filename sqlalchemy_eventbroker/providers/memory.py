@@ -37,6 +37,10 @@ class MemoryProvider(ProviderBase):
     a database, Redis or NATS provider for several processes without changing handler code.
     """
 
+    #: ``publish_many(origin=)`` and ``stream(exclude_origin=)`` let a broker skip its own
+    #: events in the provider instead of filtering their echo itself.
+    supports_origin = True
+
     def __init__(
         self, max_events: int = 10000, cleanup_interval: float = 300.0, max_age: float = 86400.0
     ) -> None:
@@ -158,7 +162,7 @@ class MemoryProvider(ProviderBase):
     def publish(self, event: Event) -> None:
         self.publish_many((event,))
 
-    def publish_many(self, events: Sequence[Event]) -> None:
+    def publish_many(self, events: Sequence[Event], *, origin: str | None = None) -> None:
         with self._lock:
             self._check_open()
             streams = list(self._streams)
@@ -166,15 +170,16 @@ class MemoryProvider(ProviderBase):
             self._published += len(events)
         for event in events:
             for stream in streams:
-                if stream.wants(event.type):
+                if stream.wants(event.type) and (origin is None or stream.origin != origin):
                     stream._put(event.clone())
             for group in groups:
                 if group.match(event.type):
                     group.push(event.clone())
 
-    def stream(self, pattern: str) -> QueueEventStream:
+    def stream(self, pattern: str, *, exclude_origin: str | None = None) -> QueueEventStream:
         validate_pattern(pattern)
         stream = _CountingStream(self, pattern, on_close=self._drop_stream)
+        stream.origin = exclude_origin
         with self._lock:
             self._check_open()
             self._streams.append(stream)
@@ -248,6 +253,7 @@ class _CountingStream(QueueEventStream):
     def __init__(self, provider: MemoryProvider, pattern: str, on_close: object) -> None:
         super().__init__(pattern, on_close=on_close)
         self._provider = provider
+        self.origin: str | None = None
 
     def receive(self, timeout: float | None = None) -> Event | None:
         event = super().receive(timeout)

@@ -1,0 +1,239 @@
+"""The async-mode machinery: a bounded queue, worker threads, a retry timer, an asyncio loop.
+
+Kept apart from ``broker.py`` so the broker reads as policy (what happens to an event) and
+this module as mechanism (which thread runs what, and when the queue is drained).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from .errors import QueueFull
+
+__all__ = ["AsyncRunner", "WorkerPool"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+_STOP: Any = object()
+
+
+class WorkerPool:
+    """``worker_count`` threads running items from a queue that admits ``capacity`` of them.
+
+    Capacity is enforced by reservation (``try_reserve``) rather than by a bounded
+    ``queue.Queue``, so that a caller can learn the queue is full *before* doing anything
+    irreversible (storing the event), and so that retries and remote deliveries, which were
+    already accepted once, are never refused. ``outstanding`` counts accepted items not yet
+    finished, including retries waiting for their delay: ``drain`` waits for it to reach 0.
+    """
+
+    def __init__(self, worker_count: int, capacity: int, run: Callable[[Any], None],
+                 name: str = "eventbroker") -> None:
+        self._run = run
+        self._capacity = capacity
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._reserved = 0
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._outstanding = 0
+        self._active = 0
+        self._timers: list[tuple[float, int, Any]] = []
+        self._timer_seq = itertools.count()
+        self._timer_cond = threading.Condition()
+        self._stopping = False
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{name}-worker-{i}", daemon=True)
+            for i in range(worker_count)
+        ]
+        self._timer_thread = threading.Thread(
+            target=self._timer_loop, name=f"{name}-retry-timer", daemon=True
+        )
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+        self._timer_thread.start()
+
+    # -- admission ---------------------------------------------------------------------
+
+    def try_reserve(self, n: int = 1) -> None:
+        """Claim ``n`` queue places, or raise :class:`QueueFull` and claim none."""
+        with self._lock:
+            if self._reserved + n > self._capacity:
+                raise QueueFull(
+                    f"queue full: {self._reserved} of {self._capacity} places taken "
+                    f"(buffer_size); event not published"
+                )
+            self._reserved += n
+            self._outstanding += n
+
+    def release(self, n: int = 1) -> None:
+        """Give back places reserved by ``try_reserve`` that will not be used."""
+        with self._lock:
+            self._reserved -= n
+            self._outstanding -= n
+            if self._outstanding == 0:
+                self._idle.notify_all()
+
+    def put_reserved(self, item: Any) -> None:
+        """Queue an item whose place ``try_reserve`` claimed."""
+        self._queue.put((True, item))
+
+    def put(self, item: Any, block_while_full: bool = True) -> None:
+        """Queue an already-accepted item (a remote delivery), waiting while the queue is full."""
+        with self._lock:
+            while block_while_full and self._reserved >= self._capacity and not self._stopping:
+                self._idle.wait(0.05)
+            self._reserved += 1
+            self._outstanding += 1
+        self._queue.put((True, item))
+
+    def put_later(self, delay: float, item: Any) -> None:
+        """Queue ``item`` after ``delay`` seconds without holding a worker meanwhile.
+
+        The item stays counted in ``outstanding`` (it was counted when first accepted).
+        """
+        with self._timer_cond:
+            heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_seq), item))
+            self._timer_cond.notify()
+
+    def done(self) -> None:
+        """One accepted item (with all its retries) is finished."""
+        with self._lock:
+            self._outstanding -= 1
+            if self._outstanding == 0:
+                self._idle.notify_all()
+
+    # -- state -------------------------------------------------------------------------
+
+    def queue_size(self) -> int:
+        return self._reserved
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    @property
+    def outstanding(self) -> int:
+        return self._outstanding
+
+    def drain(self, timeout: float | None) -> bool:
+        """Wait until every accepted item is finished; False if ``timeout`` passed first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while self._outstanding > 0:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._idle.wait(remaining if remaining is None else min(remaining, 0.5))
+        return True
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop threads; items still queued or waiting for a retry are abandoned."""
+        with self._lock:
+            self._stopping = True
+            self._idle.notify_all()
+        for _ in self._threads:
+            self._queue.put((False, _STOP))
+        with self._timer_cond:
+            self._timer_cond.notify()
+        deadline = time.monotonic() + timeout
+        for t in (*self._threads, self._timer_thread):
+            if t.is_alive() and t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
+
+    # -- threads -----------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            counted, item = self._queue.get()
+            if item is _STOP:
+                return
+            if counted:
+                with self._lock:
+                    self._reserved -= 1
+                    if self._reserved < self._capacity:
+                        self._idle.notify_all()
+            self._active += 1
+            try:
+                self._run(item)
+            except BaseException:  # pragma: no cover - run() handles its own errors
+                log.exception("eventbroker worker: unexpected error")
+            finally:
+                self._active -= 1
+
+    def _timer_loop(self) -> None:
+        while True:
+            with self._timer_cond:
+                while True:
+                    if self._stopping:
+                        return
+                    now = time.monotonic()
+                    if self._timers and self._timers[0][0] <= now:
+                        _, _, item = heapq.heappop(self._timers)
+                        break
+                    wait = self._timers[0][0] - now if self._timers else None
+                    self._timer_cond.wait(wait)
+            # Retries bypass capacity: the event was accepted once already.
+            self._queue.put((False, item))
+
+
+class AsyncRunner:
+    """One asyncio loop in a daemon thread, for ``async def`` handlers of a sync application.
+
+    Started on first use; every coroutine of a broker runs on this one loop, so handlers can
+    share loop-bound resources (clients, locks) across calls.
+    """
+
+    def __init__(self, name: str = "eventbroker-asyncio") -> None:
+        self._name = name
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def _ensure(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                ready = threading.Event()
+
+                def run() -> None:
+                    asyncio.set_event_loop(loop)
+                    loop.call_soon(ready.set)
+                    loop.run_forever()
+
+                thread = threading.Thread(target=run, name=self._name, daemon=True)
+                thread.start()
+                ready.wait()
+                self._loop, self._thread = loop, thread
+            return self._loop
+
+    def run(self, awaitable: Awaitable[T]) -> T:
+        """Run ``awaitable`` on the loop and wait for its result in the calling thread."""
+        loop = self._ensure()
+        if self._thread is threading.current_thread():
+            raise RuntimeError("AsyncRunner.run called from its own loop thread")
+
+        async def wrap() -> T:
+            return await awaitable
+
+        return asyncio.run_coroutine_threadsafe(wrap(), loop).result()
+
+    def close(self) -> None:
+        with self._lock:
+            loop, thread = self._loop, self._thread
+            self._loop = self._thread = None
+        if loop is None or thread is None:
+            return
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+        if not thread.is_alive():
+            loop.close()

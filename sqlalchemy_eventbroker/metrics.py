@@ -1,0 +1,123 @@
+"""Prometheus collectors for brokers, on a registry the caller chooses.
+
+Collectors are created once per registry and shared by every broker using it; labelled
+children are cached per ``(source, type)`` because ``Counter.labels()`` costs as much as a
+whole in-process dispatch (BASELINES.md), while a bound child's ``inc()`` is cheap.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["BrokerMetrics", "start_metrics_server"]
+
+_lock = threading.Lock()
+_collectors: weakref.WeakKeyDictionary[CollectorRegistry, _Collectors] = weakref.WeakKeyDictionary()
+
+
+class _Collectors:
+    """The metric families on one registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.published = Counter(
+            "eventbroker_events_published_total", "Events accepted by publish.",
+            ["source", "type"], registry=registry,
+        )
+        self.processed = Counter(
+            "eventbroker_events_processed_total",
+            "Events whose handlers finished, by final status.",
+            ["source", "type", "status"], registry=registry,
+        )
+        self.duration = Histogram(
+            "eventbroker_event_processing_duration_seconds",
+            "Time from dispatch until every handler of an event finished, retries included.",
+            ["source", "type"], registry=registry,
+        )
+        self.queue_size = Gauge(
+            "eventbroker_queue_size", "Events waiting in async brokers' queues.",
+            registry=registry,
+        )
+        self.errors = Counter(
+            "eventbroker_errors_total",
+            "Failures kept away from the application: capture, provider and dispatch errors.",
+            ["kind"], registry=registry,
+        )
+        self.queue_sources: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.queue_size.set_function(self._queue_total)
+
+    def _queue_total(self) -> float:
+        return float(sum(src.queue_size() for src in list(self.queue_sources)))
+
+
+def _collectors_for(registry: CollectorRegistry) -> _Collectors:
+    with _lock:
+        found = _collectors.get(registry)
+        if found is None:
+            found = _collectors[registry] = _Collectors(registry)
+        return found
+
+
+class BrokerMetrics:
+    """One broker's view of the collectors, with bound children cached."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else REGISTRY
+        self._c = _collectors_for(self.registry)
+        self._published: dict[tuple[str, str], Any] = {}
+        self._processed: dict[tuple[str, str, str], Any] = {}
+        self._duration: dict[tuple[str, str], Any] = {}
+        self._errors: dict[str, Any] = {}
+
+    def watch_queue(self, source: Any) -> None:
+        """Report ``source.queue_size()`` in ``eventbroker_queue_size`` (read at scrape time)."""
+        self._c.queue_sources.add(source)
+
+    def published(self, source: str, type_: str) -> None:
+        key = (source, type_)
+        child = self._published.get(key)
+        if child is None:
+            child = self._published[key] = self._c.published.labels(source, type_)
+        child.inc()
+
+    def processed(self, source: str, type_: str, status: str, seconds: float) -> None:
+        key = (source, type_, status)
+        child = self._processed.get(key)
+        if child is None:
+            child = self._processed[key] = self._c.processed.labels(source, type_, status)
+        child.inc()
+        dkey = (source, type_)
+        hist = self._duration.get(dkey)
+        if hist is None:
+            hist = self._duration[dkey] = self._c.duration.labels(source, type_)
+        hist.observe(seconds)
+
+    def error(self, kind: str) -> None:
+        child = self._errors.get(kind)
+        if child is None:
+            child = self._errors[kind] = self._c.errors.labels(kind)
+        child.inc()
+
+
+def start_metrics_server(
+    port: int, addr: str = "127.0.0.1", registry: CollectorRegistry | None = None
+) -> Callable[[], None]:
+    """Serve ``/metrics`` over HTTP on ``addr:port`` from a daemon thread.
+
+    Returns a function that stops the server. Binds to loopback unless told otherwise:
+    metrics name event types, which may be internal.
+    """
+    from prometheus_client import start_http_server
+
+    server, thread = start_http_server(port, addr=addr, registry=registry or REGISTRY)
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+    return stop
