@@ -17,6 +17,7 @@ the top level or under an ``event_broker:`` key::
       redis: {host: 127.0.0.1, port: 6379, db: 0, password: "",
               stream_name: "eventbroker:events", consumer_group: eventbroker-workers}
       nats: {url: "nats://127.0.0.1:4222", stream_name: EVENTBROKER_EVENTS}
+      metrics: {enabled: false, port: 9464, addr: 127.0.0.1}   # not in API.md: our extension
 
 Rules, all enforced with :class:`~sqlalchemy_eventbroker.errors.ConfigError` whose ``.path``
 is the dotted key path (always starting ``event_broker.``) and whose message says what was
@@ -56,6 +57,7 @@ __all__ = [
     "DatabaseConfig",
     "EventBrokerConfig",
     "MemoryConfig",
+    "MetricsConfig",
     "NatsConfig",
     "RedisConfig",
     "build_provider",
@@ -266,6 +268,25 @@ class NatsConfig:
         _set(self, "stream_name", _as_str(self.stream_name, f"{p}.stream_name"))
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsConfig:
+    """``event_broker.metrics``: serve Prometheus metrics over HTTP from ``initialize()``.
+
+    Off by default. The server binds to loopback unless ``addr`` says otherwise, because
+    metric labels name event types.
+    """
+
+    enabled: bool = False
+    port: int = 9464
+    addr: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        p = f"{ROOT}.metrics"
+        _set(self, "enabled", _as_bool(self.enabled, f"{p}.enabled"))
+        _set(self, "port", _as_int(self.port, f"{p}.port", minimum=0, maximum=65535))
+        _set(self, "addr", _as_str(self.addr, f"{p}.addr"))
+
+
 def _check_retry_policy(value: object, path: str) -> RetryPolicy:
     if isinstance(value, RetryPolicy):
         return value
@@ -315,6 +336,7 @@ class EventBrokerConfig:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
     nats: NatsConfig = field(default_factory=NatsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def __post_init__(self) -> None:
         p = ROOT
@@ -362,6 +384,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "database": DatabaseConfig,
     "redis": RedisConfig,
     "nats": NatsConfig,
+    "metrics": MetricsConfig,
 }
 
 

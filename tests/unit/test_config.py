@@ -177,6 +177,15 @@ def test_defaults__match_api() -> None:
     assert (c.nats.url, c.nats.stream_name) == ("nats://127.0.0.1:4222", "EVENTBROKER_EVENTS")
 
 
+def test_metrics_section__defaults_and_values() -> None:
+    """metrics is off by default on loopback; its values load like the others."""
+    assert (EventBrokerConfig().metrics.enabled, EventBrokerConfig().metrics.addr) == (
+        False, "127.0.0.1")
+    config = load_config({"metrics": {"enabled": True, "port": "9100", "addr": "0.0.0.0"}})
+    assert (config.metrics.enabled, config.metrics.port, config.metrics.addr) == (
+        True, 9100, "0.0.0.0")
+
+
 def test_config__frozen() -> None:
     """Config objects cannot be changed after they are made."""
     config = EventBrokerConfig()
@@ -389,6 +398,8 @@ BAD_VALUES = [
     ({"redis": {"consumer_group": {"a": 1}}}, "event_broker.redis.consumer_group",
      "expected a string"),
     ({"nats": {"url": ""}}, "event_broker.nats.url", "expected a non-empty string"),
+    ({"metrics": {"port": -1}}, "event_broker.metrics.port", "expected int from 0 to 65535"),
+    ({"metrics": {"enabled": "sure"}}, "event_broker.metrics.enabled", "expected a boolean"),
     ({"nats": {"stream_name": 5.5, "url": []}}, "event_broker.nats.url", "expected a string"),
 ]
 
