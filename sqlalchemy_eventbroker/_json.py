@@ -21,7 +21,7 @@ from typing import Any
 from ._types import JSON
 from .errors import PayloadError
 
-__all__ = ["dumps", "loads", "to_jsonable"]
+__all__ = ["copy_json", "dumps", "loads", "to_jsonable"]
 
 _SCALARS = (str, int, bool, type(None))
 
@@ -114,3 +114,20 @@ def dumps(value: object) -> str:
 def loads(text: str | bytes) -> Any:
     """Parse JSON text."""
     return json.loads(text)
+
+
+def copy_json(value: JSON) -> JSON:
+    """A deep copy of a JSON value, several times faster than ``copy.deepcopy``.
+
+    Only dicts and lists are copied; everything else in a JSON value is immutable.
+    """
+    cls = type(value)
+    if cls is dict:
+        return {k: (v if type(v) not in _CONTAINERS else copy_json(v))
+                for k, v in value.items()}  # type: ignore[union-attr]
+    if cls is list:
+        return [v if type(v) not in _CONTAINERS else copy_json(v) for v in value]  # type: ignore[union-attr]
+    return value
+
+
+_CONTAINERS = (dict, list)

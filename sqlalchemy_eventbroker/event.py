@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 import os
 import time
@@ -140,10 +139,10 @@ class Event:
         """A deep copy with the same id: a handler may change it freely."""
         return Event(
             self.id, self.source, self.type, self.status, self.retry_count, self.error,
-            copy.deepcopy(self.payload) if isinstance(self.payload, dict | list) else self.payload,
+            _json.copy_json(self.payload),
             self.user_id, self.session_id, self.instance_id, self.schema, self.entity,
             self.operation, self.created_at, self.processed_at, self.completed_at,
-            copy.deepcopy(self.metadata) if self.metadata else {},
+            _json.copy_json(self.metadata) if self.metadata else {},  # type: ignore[arg-type]
         )
 
     def mark_processing(self) -> None:
