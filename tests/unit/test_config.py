@@ -381,8 +381,8 @@ BAD_VALUES = [
     ({"memory": {"cleanup_interval": 0}}, "event_broker.memory.cleanup_interval",
      "expected a duration"),
     ({"memory": {"max_age": "soon"}}, "event_broker.memory.max_age",
-     "event_broker.memory.max_age: expected a duration (seconds, or a number with ms, s, m, h "
-     "or d such as '500ms' or '2m'), got 'soon'"),
+     ("event_broker.memory.max_age: expected a duration (seconds, or a number with ms, s, m, h "
+     "or d such as '500ms' or '2m'), got 'soon'")),
     ({"database": {"table_name": "drop table;"}}, "event_broker.database.table_name",
      "expected a table name"),
     ({"database": {"channel": ""}}, "event_broker.database.channel",

@@ -146,7 +146,7 @@ def test_initialize__concurrent_calls_make_one_broker() -> None:
 def test_initialize__metrics_server_started_and_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
     """metrics.enabled starts the metrics server; shutdown stops it."""
     calls: list[tuple[Any, ...]] = []
-    import sqlalchemy_eventbroker.metrics as metrics
+    from sqlalchemy_eventbroker import metrics
 
     def fake_server(port: int, addr: str = "127.0.0.1") -> Any:
         calls.append(("start", port, addr))
