@@ -1,0 +1,754 @@
+"""NATS JetStream provider: one stream carries events, a key-value bucket stores them.
+
+Backend
+    nats-server ≥ 2.9 with JetStream enabled. URL form ``nats://[user:password@]host:port``
+    (several servers separated by commas). nats-py is asyncio-only: each provider runs one
+    :class:`~._loop.LoopThread` with one connection, and the synchronous API waits on it.
+
+Subjects and streams
+    Events are published to ``<prefix>.<event type>`` in the JetStream stream ``stream_name``
+    (subjects ``<prefix>.>``, file storage by default); ``prefix`` defaults to the stream name,
+    so two providers with different stream names never see each other's events. A
+    subscription pattern becomes a subject filter evaluated by the server: ``*`` →
+    ``<prefix>.>``, a ``*`` segment → ``*``, a trailing ``**`` → ``>``. An event type that is not
+    a valid subject (whitespace, ``*``, ``>``, empty segments) cannot be published here.
+
+Store
+    A key-value bucket (``<stream_name>_store``, history 1) maps event id → event JSON.
+    ``update_status`` is a compare-and-set on the key's revision (retried on conflict).
+    ``list`` and ``stats`` read the latest value of every key (a KV watch), then filter and
+    sort oldest ``created_at`` first in Python: their cost grows with the number of stored
+    events. ``max_age`` bounds how long the stream and the bucket keep events.
+
+Fan-out (``stream``)
+    One ordered push consumer per stream, filtered by the pattern's subject, starting at new
+    messages (``DeliverPolicy.NEW``, resolved by the server when the consumer is created, before
+    ``stream()`` returns). Ordered consumers detect gaps (reconnects, server restarts) and
+    re-create themselves from the last stream sequence they saw: no loss, no duplicates.
+
+Groups (``group_stream``)
+    One durable pull consumer per ``(group, pattern)`` (named from ``consumer_group``, the
+    group and a hash of the pattern), explicit ack, ``ack_wait`` = the lease, unlimited
+    redeliveries. Created at new messages on first open, it keeps its position while no
+    member is open. ``Delivery.renew`` sends ``+WPI`` (in progress), resetting ``ack_wait``.
+    Members fetch ``batch_size`` messages at a time; buffered messages nearing their lease
+    are renewed, expired ones skipped (the server redelivers them), and on ``close()`` the
+    unread ones are nak'ed so another member gets them at once.
+
+Guarantees and limits
+    * Everything the server acknowledged (``publish`` returned) survives a server restart with
+      file storage and is delivered to groups and to open fan-out streams afterwards.
+    * Group delivery is at least once; fan-out delivery is exactly once per open stream.
+    * Order is the stream's order (per publisher: publish order).
+    * Ack, renew and nak are fire-and-forget messages: one lost during a disconnect means a
+      redelivery after the lease, never a loss.
+
+Errors from nats-py surface as ``ProviderError("nats at <url>: ...")`` from one place,
+:func:`_translate_errors`. ``close()`` drains the connection and stops the loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import datetime as dt
+import hashlib
+import logging
+import re
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js import api
+
+from ..errors import ProviderError
+from ..event import Event, EventStatus
+from ..pattern import compile_pattern, validate_pattern
+from ._loop import LoopClosed, LoopThread
+from .base import EventFilter, ProviderBase, ProviderStats, QueueEventStream
+
+__all__ = ["NatsProvider"]
+
+log = logging.getLogger(__name__)
+
+_DRIVER_ERRORS = (nats.errors.Error, asyncio.TimeoutError, TimeoutError, OSError, LoopClosed)
+_BAD_SUBJECT = re.compile(r"[\s*>]|^\.|\.\.|\.$")
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_-]")
+_UTC = dt.timezone.utc
+
+
+def _safe_url(url: str) -> str:
+    """``url`` with any password replaced, for messages and ``repr``."""
+    out = []
+    for one in url.split(","):
+        parts = urlsplit(one.strip())
+        if parts.password:
+            host = parts.hostname or ""
+            if parts.port:
+                host = f"{host}:{parts.port}"
+            one = urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+        out.append(one)
+    return ",".join(out)
+
+
+@contextlib.contextmanager
+def _translate_errors(address: str) -> Iterator[None]:
+    """Turn every nats-py (and socket/timeout) error into ``ProviderError("nats at ...")``."""
+    try:
+        yield
+    except ProviderError:
+        raise
+    except _DRIVER_ERRORS as exc:
+        # Several nats-py errors have an empty str(); name the class then.
+        what = str(exc) if str(exc) else type(exc).__name__
+        raise ProviderError(f"nats at {address}: {what}") from exc
+
+
+def subject_filter(prefix: str, pattern: str) -> str:
+    """The JetStream subject filter for a subscription ``pattern`` under ``prefix``."""
+    validate_pattern(pattern)
+    if pattern == "*":
+        return f"{prefix}.>"
+    return prefix + "." + ".".join(">" if s == "**" else s for s in pattern.split("."))
+
+
+def _safe_name(text: str) -> str:
+    return _UNSAFE_NAME.sub("_", text)
+
+
+class _NatsFanoutStream(QueueEventStream):
+    """A fan-out stream fed by one ordered consumer; ``close()`` unsubscribes it."""
+
+    sub: Any = None
+
+
+class _NatsDelivery:
+    """One JetStream message leased to one member of a group (a durable pull consumer)."""
+
+    __slots__ = ("event", "msg", "_stream", "received_at", "done")
+
+    def __init__(self, event: Event, msg: Msg, stream: _NatsGroupStream) -> None:
+        self.event = event
+        self.msg = msg
+        self._stream = stream
+        self.received_at = time.monotonic()
+        self.done = False
+
+    @property
+    def attempt(self) -> int:
+        """How many times the server has delivered this message (1 on the first delivery)."""
+        return int(self.msg.metadata.num_delivered)
+
+    def ack(self) -> None:
+        if not self.done:
+            self.done = True
+            self._stream._send(self.msg.ack())
+
+    def renew(self) -> None:
+        if not self.done:
+            self._stream._send(self.msg.in_progress())
+            self.received_at = time.monotonic()
+
+    def __repr__(self) -> str:
+        return f"<NatsDelivery {self.event.type} {self.event.id}>"
+
+
+class _NatsGroupStream:
+    """A member of a group: a pull subscription bound to the group's durable consumer."""
+
+    def __init__(self, provider: NatsProvider, pattern: str, group: str, lease: float) -> None:
+        self._p = provider
+        self.pattern = pattern
+        self.group = group
+        self.lease = lease
+        self._match = compile_pattern(pattern)
+        digest = hashlib.sha1(f"{group}\0{pattern}".encode()).hexdigest()[:12]
+        self.durable = f"{_safe_name(provider.consumer_group)}-{_safe_name(group)[:64]}-{digest}"
+        self.subject = subject_filter(provider.subject_prefix, pattern)
+        self._buffer: collections.deque[_NatsDelivery] = collections.deque()
+        self._recv_lock = threading.Lock()
+        self._closed = threading.Event()
+        self._fetching: concurrent.futures.Future[Any] | None = None
+        with _translate_errors(provider._address):
+            self._sub = provider._loop.run(self._bind(), provider.request_timeout * 2)
+
+    async def _bind(self) -> Any:
+        js = self._p._js
+        stream = self._p.stream_name
+        try:
+            info = await js.consumer_info(stream, self.durable)
+            if info.config.ack_wait is not None and abs(info.config.ack_wait - self.lease) > 1e-3:
+                # The first opener chose the lease; let the latest member's lease win.
+                info.config.ack_wait = self.lease
+                try:
+                    await js.add_consumer(stream, config=info.config)
+                except nats.js.errors.APIError as exc:
+                    log.warning("nats group %s: keeping ack_wait %.1f s: %s", self.durable,
+                                info.config.ack_wait, exc)
+        except nats.js.errors.NotFoundError:
+            await js.add_consumer(stream, config=api.ConsumerConfig(
+                durable_name=self.durable,
+                description=f"eventbroker group {self.group!r} pattern {self.pattern!r}",
+                filter_subject=self.subject,
+                deliver_policy=api.DeliverPolicy.NEW,
+                ack_policy=api.AckPolicy.EXPLICIT,
+                ack_wait=self.lease,
+                max_deliver=-1,
+                max_ack_pending=self._p.max_ack_pending,
+            ))
+        return await js.pull_subscribe_bind(durable=self.durable, stream=stream)
+
+    def _send(self, coro: Any) -> None:
+        """Run an ack/renew/nak message on the loop; it only writes to the client's buffer."""
+        try:
+            with _translate_errors(self._p._address):
+                self._p._loop.run(coro, self._p.request_timeout)
+        except ProviderError as exc:
+            log.warning("nats group %s: %s", self.durable, exc)
+
+    def receive(self, timeout: float | None = None) -> _NatsDelivery | None:
+        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        with self._recv_lock:
+            first = True
+            while True:
+                if self._closed.is_set():
+                    raise StopIteration
+                delivery = self._next_buffered()
+                if delivery is not None:
+                    self._p._count_consumed(1)
+                    return delivery
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0 and not first:
+                    return None
+                first = False
+                wait = self._p.block if remaining is None else min(self._p.block, remaining)
+                self._fetch(max(wait, 0.01))
+
+    def _fetch(self, wait: float) -> None:
+        try:
+            future = self._p._loop.submit(self._sub.fetch(self._p.batch_size, timeout=wait))
+        except LoopClosed:
+            raise StopIteration from None
+        self._fetching = future
+        try:
+            msgs = future.result(wait + self._p.request_timeout)
+        except (nats.errors.TimeoutError, asyncio.TimeoutError, concurrent.futures.TimeoutError):
+            return
+        except concurrent.futures.CancelledError:
+            raise StopIteration from None
+        except nats.errors.Error as exc:
+            if self._closed.is_set():
+                raise StopIteration from None
+            # Disconnected or reconnecting: nats-py reconnects by itself; wait a little.
+            log.warning("nats group %s: %s", self.durable, exc)
+            self._closed.wait(min(wait, 0.5))
+            return
+        finally:
+            self._fetching = None
+        for msg in msgs:
+            subject = msg.subject
+            etype = subject[len(self._p.subject_prefix) + 1:]
+            if not self._match(etype):  # the server filters; this only guards odd subjects
+                self._send(msg.ack())
+                continue
+            try:
+                event = Event.from_json(msg.data)
+            except Exception:  # noqa: BLE001 - a foreign message must not stop the group
+                log.exception("nats group %s: unreadable message on %s", self.durable, subject)
+                self._send(msg.term())
+                continue
+            self._buffer.append(_NatsDelivery(event, msg, self))
+
+    def _next_buffered(self) -> _NatsDelivery | None:
+        while self._buffer:
+            now = time.monotonic()
+            delivery = self._buffer[0]
+            age = now - delivery.received_at
+            if age >= self.lease:
+                self._buffer.popleft()  # the server redelivers it (maybe to another member)
+                continue
+            if age >= self.lease / 2:
+                for d in self._buffer:
+                    if now - d.received_at >= self.lease / 3:
+                        d.renew()
+            return self._buffer.popleft()
+        return None
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        fetching = self._fetching
+        if fetching is not None:
+            fetching.cancel()
+        with self._recv_lock:
+            buffered, self._buffer = list(self._buffer), collections.deque()
+        for d in buffered:  # hand what we never read to another member at once
+            if not d.done:
+                d.done = True
+                self._send(d.msg.nak())
+        with contextlib.suppress(ProviderError, *_DRIVER_ERRORS):
+            with _translate_errors(self._p._address):
+                self._p._loop.run(self._sub.unsubscribe(), self._p.request_timeout)
+        self._p._forget_group(self)
+
+    def __enter__(self) -> _NatsGroupStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<NatsGroupStream durable={self.durable!r} subject={self.subject!r}>"
+
+
+class NatsProvider(ProviderBase):
+    """Events on NATS JetStream (see the module docstring for subjects and guarantees).
+
+    Args:
+        url: ``nats://host:port``; unreachable at construction raises ``ProviderError``.
+        stream_name: the JetStream stream (created if missing); also names the KV bucket.
+        subject_prefix: first subject token(s); defaults to ``stream_name``.
+        consumer_group: prefix of the durable consumer names made for group streams.
+        storage: ``"file"`` (survives restarts) or ``"memory"``.
+        max_age: seconds the stream and the store keep events; 0 = forever.
+        max_msgs: cap on stream messages (oldest dropped); 0 = unlimited.
+        batch_size: messages per group fetch and per pipelined publish/store.
+        block: longest single fetch wait in seconds.
+        request_timeout: seconds to wait for a JetStream API answer (publish acks included).
+        connect_timeout: seconds to wait for the first connection.
+        reconnect_wait: seconds between reconnection attempts (nats-py retries forever).
+        max_ack_pending: cap on unacknowledged messages per group.
+
+    Raises:
+        ProviderError: no server answers at ``url``, or JetStream is not enabled there.
+    """
+
+    provider_type = "nats"
+
+    def __init__(
+        self,
+        url: str = "nats://127.0.0.1:4222",
+        stream_name: str = "EVENTBROKER_EVENTS",
+        subject_prefix: str | None = None,
+        *,
+        consumer_group: str = "eventbroker-workers",
+        storage: str = "file",
+        max_age: float = 0.0,
+        max_msgs: int = 0,
+        batch_size: int = 100,
+        block: float = 1.0,
+        request_timeout: float = 5.0,
+        connect_timeout: float = 5.0,
+        reconnect_wait: float = 0.5,
+        max_ack_pending: int = 10_000,
+    ) -> None:
+        if not stream_name or re.search(r"[\s.*>/\\]", stream_name):
+            raise ValueError(f"NatsProvider: invalid stream_name {stream_name!r}")
+        if storage not in ("file", "memory"):
+            raise ValueError(f"NatsProvider: storage must be 'file' or 'memory', got {storage!r}")
+        self.url = url
+        self.stream_name = stream_name
+        self.subject_prefix = subject_prefix or stream_name
+        if _BAD_SUBJECT.search(self.subject_prefix):
+            raise ValueError(f"NatsProvider: invalid subject_prefix {self.subject_prefix!r}")
+        self.consumer_group = consumer_group
+        self.storage = storage
+        self.max_age = max_age
+        self.max_msgs = max_msgs
+        self.batch_size = batch_size
+        self.block = block
+        self.request_timeout = request_timeout
+        self.connect_timeout = connect_timeout
+        self.reconnect_wait = reconnect_wait
+        self.max_ack_pending = max_ack_pending
+        self.bucket = f"{_safe_name(stream_name)}_store"
+        self._address = _safe_url(url)
+        self._lock = threading.Lock()
+        self._closed = False
+        self._published = 0
+        self._consumed = 0
+        self._streams: list[_NatsFanoutStream] = []
+        self._groups: list[_NatsGroupStream] = []
+        self._loop = LoopThread(name=f"eventbroker-nats-{stream_name}")
+        try:
+            with _translate_errors(self._address):
+                self._loop.run(self._connect(), connect_timeout + request_timeout * 3)
+        except BaseException:
+            self._loop.close()
+            raise
+
+    # -- connection ----------------------------------------------------------------------------
+
+    async def _connect(self) -> None:
+        async def on_error(exc: Exception) -> None:
+            log.warning("nats at %s: %s", self._address, exc)
+
+        async def on_disconnect() -> None:
+            if not self._closed:
+                log.warning("nats at %s: disconnected; reconnecting", self._address)
+
+        async def on_reconnect() -> None:
+            log.info("nats at %s: reconnected", self._address)
+
+        await self._probe()
+        self._nc = await nats.connect(
+            servers=[u.strip() for u in self.url.split(",")],
+            connect_timeout=self.connect_timeout,
+            reconnect_time_wait=self.reconnect_wait,
+            max_reconnect_attempts=-1,
+            allow_reconnect=True,
+            error_cb=on_error,
+            disconnected_cb=on_disconnect,
+            reconnected_cb=on_reconnect,
+            name=f"eventbroker:{self.stream_name}",
+        )
+        try:
+            self._js = self._nc.jetstream(timeout=self.request_timeout)
+            await self._ensure_stream()
+            self._kv = await self._ensure_bucket()
+        except BaseException:
+            await self._nc.close()
+            raise
+
+    async def _probe(self) -> None:
+        """Fail fast when no server listens: nats-py would retry the first connect forever."""
+        errors = []
+        for server in self.url.split(","):
+            parts = urlsplit(server.strip() if "://" in server else f"nats://{server.strip()}")
+            try:
+                _, writer = await asyncio.wait_for(
+                    asyncio.open_connection(parts.hostname or "127.0.0.1", parts.port or 4222),
+                    self.connect_timeout,
+                )
+            except (OSError, asyncio.TimeoutError) as exc:
+                errors.append(str(exc) or type(exc).__name__)
+                continue
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            return
+        raise OSError(f"cannot connect: {'; '.join(errors)}")
+
+    async def _ensure_stream(self) -> None:
+        storage = api.StorageType.FILE if self.storage == "file" else api.StorageType.MEMORY
+        config = api.StreamConfig(
+            name=self.stream_name,
+            subjects=[f"{self.subject_prefix}.>"],
+            storage=storage,
+            retention=api.RetentionPolicy.LIMITS,
+            max_age=self.max_age or None,
+            max_msgs=self.max_msgs or None,
+            discard=api.DiscardPolicy.OLD,
+        )
+        try:
+            await self._js.stream_info(self.stream_name)
+        except nats.js.errors.NotFoundError:
+            try:
+                await self._js.add_stream(config)
+            except nats.js.errors.BadRequestError:
+                await self._js.stream_info(self.stream_name)  # created concurrently: fine
+
+    async def _ensure_bucket(self) -> Any:
+        try:
+            return await self._js.key_value(self.bucket)
+        except nats.js.errors.BucketNotFoundError:
+            storage = api.StorageType.FILE if self.storage == "file" else api.StorageType.MEMORY
+            try:
+                return await self._js.create_key_value(api.KeyValueConfig(
+                    bucket=self.bucket, history=1, ttl=self.max_age or None, storage=storage,
+                    description=f"eventbroker store of stream {self.stream_name}",
+                ))
+            except nats.js.errors.BadRequestError:
+                return await self._js.key_value(self.bucket)
+
+    def _run(self, coro: Any, timeout: float | None = None) -> Any:
+        if self._closed:
+            coro.close()
+            raise ProviderError(f"nats at {self._address}: the provider is closed")
+        with _translate_errors(self._address):
+            return self._loop.run(coro, timeout or self.request_timeout * 3)
+
+    def _repr_target(self) -> str:
+        return f"{self._address!r}, stream_name={self.stream_name!r}"
+
+    def _count_consumed(self, n: int) -> None:
+        with self._lock:
+            self._consumed += n
+
+    # -- store ---------------------------------------------------------------------------------
+
+    def store(self, event: Event) -> None:
+        self._run(self._kv.put(event.id, event.to_json().encode()))
+
+    def store_many(self, events: Sequence[Event]) -> None:
+        """Store ``events`` with their puts pipelined on the one connection."""
+        if not events:
+            return
+
+        async def put_all() -> None:
+            for i in range(0, len(events), self.batch_size):
+                await asyncio.gather(*(self._kv.put(e.id, e.to_json().encode())
+                                       for e in events[i:i + self.batch_size]))
+
+        self._run(put_all(), self.request_timeout * (2 + len(events) // self.batch_size))
+
+    async def _get(self, event_id: str) -> tuple[Event, int] | None:
+        try:
+            entry = await self._kv.get(event_id)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            return None
+        except nats.js.errors.InvalidKeyError:
+            return None
+        if entry.value is None:
+            return None
+        return Event.from_json(entry.value), int(entry.revision or 0)
+
+    def get(self, event_id: str) -> Event | None:
+        found = self._run(self._get(event_id))
+        return found[0] if found else None
+
+    async def _scan(self) -> list[Event]:
+        """The latest value of every key in the bucket (one ordered consumer)."""
+        watcher = await self._kv.watchall(ignore_deletes=True)
+        events: list[Event] = []
+        try:
+            while True:
+                entry = await watcher.updates(timeout=self.request_timeout)
+                if entry is None:
+                    break
+                if entry.value:
+                    events.append(Event.from_json(entry.value))
+                if not entry.delta:
+                    break
+        finally:
+            await watcher.stop()
+        return events
+
+    def list(self, filter: EventFilter) -> list[Event]:  # noqa: A002
+        """Stored events passing ``filter``, oldest ``created_at`` first (ties by id).
+
+        Reads every stored event (see the module docstring): cost grows with the bucket.
+        """
+        events = [e for e in self._run(self._scan(), None) if filter.matches(e)]
+        events.sort(key=lambda e: (e.created_at, e.id))
+        events = events[filter.offset:]
+        return events[:filter.limit] if filter.limit else events
+
+    async def _update(self, event_id: str, status: EventStatus, error: str,
+                      retry_count: int | None) -> None:
+        for _ in range(50):
+            found = await self._get(event_id)
+            if found is None:
+                return
+            event, revision = found
+            now = dt.datetime.now(_UTC)
+            event.status = status
+            event.error = error
+            if retry_count is not None:
+                event.retry_count = retry_count
+            if status is EventStatus.PROCESSING:
+                event.processed_at = now
+            elif status in (EventStatus.COMPLETED, EventStatus.FAILED):
+                event.completed_at = now
+                if event.processed_at is None:
+                    event.processed_at = now
+            try:
+                await self._kv.update(event_id, event.to_json().encode(), last=revision)
+                return
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue  # someone else changed it meanwhile: read again
+        raise ProviderError(f"nats at {self._address}: update_status({event_id}) kept conflicting")
+
+    def update_status(
+        self, event_id: str, status: EventStatus, error: str = "", *,
+        retry_count: int | None = None,
+    ) -> None:
+        self._run(self._update(event_id, EventStatus(status), error, retry_count))
+
+    def delete(self, event_id: str) -> None:
+        async def purge() -> None:
+            with contextlib.suppress(nats.js.errors.InvalidKeyError):
+                await self._kv.purge(event_id)
+
+        self._run(purge())
+
+    # -- transport -----------------------------------------------------------------------------
+
+    def _subject(self, event: Event) -> str:
+        if _BAD_SUBJECT.search(event.type):
+            raise ProviderError(
+                f"nats at {self._address}: event type {event.type!r} is not a valid NATS "
+                "subject (no whitespace, '*', '>' or empty segments)"
+            )
+        return f"{self.subject_prefix}.{event.type}"
+
+    def publish(self, event: Event) -> None:
+        subject = self._subject(event)
+        self._run(self._js.publish(subject, event.to_json().encode(), stream=self.stream_name,
+                                   timeout=self.request_timeout))
+        with self._lock:
+            self._published += 1
+
+    def publish_many(self, events: Sequence[Event]) -> None:
+        """Publish ``events`` asynchronously and wait for all the server's acks."""
+        if not events:
+            return
+        subjects = [self._subject(e) for e in events]
+
+        async def publish_all() -> None:
+            for i in range(0, len(events), self.batch_size):
+                futures = [
+                    await self._js.publish_async(s, e.to_json().encode(), stream=self.stream_name)
+                    for s, e in zip(subjects[i:i + self.batch_size],
+                                    events[i:i + self.batch_size], strict=True)
+                ]
+                await asyncio.wait_for(asyncio.gather(*futures), self.request_timeout)
+
+        self._run(publish_all(), self.request_timeout * (2 + len(events) // self.batch_size))
+        with self._lock:
+            self._published += len(events)
+
+    def stream(self, pattern: str) -> _NatsFanoutStream:
+        """A fan-out stream of events published after this call returns (see module doc)."""
+        subject = subject_filter(self.subject_prefix, pattern)
+        s = _NatsFanoutStream(pattern, on_close=self._forget_stream)
+
+        async def on_msg(msg: Msg) -> None:
+            try:
+                event = Event.from_json(msg.data)
+            except Exception:  # noqa: BLE001
+                log.exception("nats at %s: unreadable message on %s", self._address, msg.subject)
+                return
+            if s.wants(event.type):
+                s._put(event)
+                self._count_consumed(1)
+
+        async def subscribe() -> Any:
+            return await self._js.subscribe(
+                subject, stream=self.stream_name, cb=on_msg, ordered_consumer=True,
+                deliver_policy=api.DeliverPolicy.NEW, idle_heartbeat=2.0,
+            )
+
+        s.sub = self._run(subscribe())
+        with self._lock:
+            if self._closed:
+                s.close()
+            else:
+                self._streams.append(s)
+        return s
+
+    def _forget_stream(self, s: _NatsFanoutStream) -> None:
+        with self._lock:
+            if s in self._streams:
+                self._streams.remove(s)
+            closing = self._closed
+        if s.sub is not None and not closing:
+            with contextlib.suppress(*_DRIVER_ERRORS):
+                self._loop.run(s.sub.unsubscribe(), self.request_timeout)
+
+    def group_stream(self, pattern: str, group: str, *, lease: float = 30.0) -> _NatsGroupStream:
+        """A competing-consumer member of ``(group, pattern)`` (see the module docstring)."""
+        validate_pattern(pattern)
+        if not group:
+            raise ValueError("group_stream: group must not be empty")
+        if lease <= 0:
+            raise ValueError(f"group_stream: lease must be > 0, got {lease}")
+        if self._closed:
+            raise ProviderError(f"nats at {self._address}: the provider is closed")
+        g = _NatsGroupStream(self, pattern, group, lease)
+        with self._lock:
+            self._groups.append(g)
+        return g
+
+    def _forget_group(self, g: _NatsGroupStream) -> None:
+        with self._lock:
+            if g in self._groups:
+                self._groups.remove(g)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def stats(self) -> ProviderStats:
+        async def gather() -> tuple[list[Event], Any, Any, list[Any]]:
+            events = await self._scan()
+            sinfo = await self._js.stream_info(self.stream_name)
+            kinfo = await self._js.stream_info(f"KV_{self.bucket}")
+            consumers = await self._js.consumers_info(self.stream_name)
+            return events, sinfo, kinfo, consumers
+
+        events, sinfo, kinfo, consumers = self._run(gather(), None)
+        counts = collections.Counter(str(e.status) for e in events)
+        prefix = _safe_name(self.consumer_group) + "-"
+        groups = {
+            c.name: {"pending": c.num_pending, "ack_pending": c.num_ack_pending,
+                     "redelivered": c.num_redelivered, "waiting": c.num_waiting}
+            for c in consumers if c.name and c.name.startswith(prefix)
+        }
+        with self._lock:
+            published, consumed = self._published, self._consumed
+            active = len(self._streams) + len(self._groups)
+        return ProviderStats(
+            provider_type=self.provider_type,
+            total_events=len(events),
+            pending_events=counts["pending"],
+            processing_events=counts["processing"],
+            completed_events=counts["completed"],
+            failed_events=counts["failed"],
+            events_published=published,
+            events_consumed=consumed,
+            active_subscribers=active,
+            provider_specific={
+                "stream": self.stream_name,
+                "stream_messages": sinfo.state.messages,
+                "stream_bytes": sinfo.state.bytes,
+                "first_seq": sinfo.state.first_seq,
+                "last_seq": sinfo.state.last_seq,
+                "consumer_count": sinfo.state.consumer_count,
+                "bucket": self.bucket,
+                "bucket_messages": kinfo.state.messages,
+                "groups": groups,
+            },
+        )
+
+    def drop(self) -> None:
+        """Delete the stream (with its consumers) and the store bucket. For tests."""
+
+        async def delete() -> None:
+            for name in (self.stream_name, f"KV_{self.bucket}"):
+                with contextlib.suppress(nats.js.errors.NotFoundError):
+                    await self._js.delete_stream(name)
+
+        self._run(delete())
+
+    def close(self) -> None:
+        """End every open stream, close the connection and stop the loop thread."""
+        with self._lock:
+            if self._closed:
+                return
+            streams, self._streams = list(self._streams), []
+            groups = list(self._groups)
+        for g in groups:
+            g.close()
+        with self._lock:
+            self._closed = True
+        for s in streams:
+            s.close()
+
+        async def disconnect() -> None:
+            with contextlib.suppress(Exception):
+                await self._nc.flush(timeout=1)
+            await self._nc.close()
+
+        try:
+            self._loop.run(disconnect(), self.request_timeout)
+        except Exception as exc:  # noqa: BLE001 - closing is best effort
+            log.debug("nats at %s: close: %s", self._address, exc)
+        self._loop.close()
