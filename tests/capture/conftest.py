@@ -1,0 +1,163 @@
+"""The capture harness: one test body over SQLite and PostgreSQL, sync and async sessions.
+
+``h.tx(fn)`` runs ``fn(session)`` (a sync ``Session``) in one transaction and commits it: for
+the async variants the transaction is begun and committed through ``AsyncSession`` and ``fn``
+runs through ``run_sync``, so the hooks are exercised on the async session's sync class.
+Brokers are in sync mode, so events have been dispatched when ``tx`` returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from prometheus_client import CollectorRegistry
+from sqlalchemy.orm import Session, sessionmaker
+
+from sqlalchemy_eventbroker import Broker, Event, MemoryProvider, RetryPolicy
+from sqlalchemy_eventbroker.capture import CaptureHandle, CRUDHookConfig, register_crud_hooks
+from sqlalchemy_eventbroker.testing import EventRecorder
+
+from .models import AUDIT_SCHEMA, Base
+
+
+def _attach_audit(path: str) -> Callable[..., None]:
+    def on_connect(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute(f"ATTACH DATABASE '{path}' AS {AUDIT_SCHEMA}")
+        cur.close()
+
+    return on_connect
+
+
+class Harness:
+    """An engine, a session factory, a sync-mode broker with a recorder on ``*``."""
+
+    def __init__(self, dialect: str, is_async: bool, url: str, tmp: str) -> None:
+        self.dialect = dialect
+        self.is_async = is_async
+        self.schema = "public" if dialect == "postgresql" else "main"
+        self.runner = asyncio.Runner() if is_async else None
+        self.url = url
+        sync_url = sa.make_url(url)
+        if dialect == "sqlite":
+            self.sync_engine = sa.create_engine(sync_url)
+            sa.event.listen(self.sync_engine, "connect",
+                            _attach_audit(os.path.join(tmp, "audit.db")))
+        else:
+            self.sync_engine = sa.create_engine(sync_url)
+            with self.sync_engine.begin() as conn:
+                conn.exec_driver_sql(f"CREATE SCHEMA {AUDIT_SCHEMA}")
+        Base.metadata.create_all(self.sync_engine)
+        if is_async:
+            from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+            aurl = sync_url.set(drivername="sqlite+aiosqlite" if dialect == "sqlite"
+                                else "postgresql+psycopg")
+            self.engine: Any = create_async_engine(aurl)
+            if dialect == "sqlite":
+                sa.event.listen(self.engine.sync_engine, "connect",
+                                _attach_audit(os.path.join(tmp, "audit.db")))
+            self.factory: Any = async_sessionmaker(self.engine, expire_on_commit=False)
+        else:
+            self.engine = self.sync_engine
+            self.factory = sessionmaker(self.engine, expire_on_commit=False)
+        self.broker = Broker(MemoryProvider(), mode="sync", instance_id="capture-test",
+                             retry_policy=RetryPolicy(max_retries=0),
+                             registry=CollectorRegistry()).start()
+        self.recorder = EventRecorder()
+        self.broker.subscribe("*", self.recorder)
+        self.handles: list[CaptureHandle] = []
+
+    # -- capture ----------------------------------------------------------------------------
+
+    def capture(self, config: CRUDHookConfig | None = None, factory: Any = None,
+                broker: Broker | None = None) -> CaptureHandle:
+        handle = register_crud_hooks(factory if factory is not None else self.factory, config,
+                                     broker=broker or self.broker)
+        self.handles.append(handle)
+        return handle
+
+    @property
+    def events(self) -> list[Event]:
+        return self.recorder.events
+
+    def summary(self) -> list[tuple[str, Any]]:
+        """``(type, payload)`` of every event received, in order."""
+        return [(e.type, e.payload) for e in self.events]
+
+    def t(self, entity: str, op: str, schema: str | None = None) -> str:
+        return f"{schema or self.schema}.{entity}.{op}"
+
+    # -- running work -----------------------------------------------------------------------
+
+    def tx(self, fn: Callable[[Session], Any], *, commit: bool = True) -> Any:
+        """Run ``fn(session)`` in one transaction; commit it (or roll it back)."""
+        if not self.is_async:
+            with self.factory() as session:
+                session.begin()
+                out = fn(session)
+                session.commit() if commit else session.rollback()
+                return out
+
+        async def main() -> Any:
+            async with self.factory() as session:
+                await session.begin()
+                out = await session.run_sync(fn)
+                await (session.commit() if commit else session.rollback())
+                return out
+
+        return self.run(main())
+
+    def run(self, coro: Any) -> Any:
+        assert self.runner is not None
+        return self.runner.run(coro)
+
+    def count_statements(self) -> list[str]:
+        """A list that fills with every statement the engine sends from now on."""
+        seen: list[str] = []
+
+        def on_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            seen.append(statement)
+
+        sa.event.listen(self.sync_engine if not self.is_async else self.engine.sync_engine,
+                        "before_cursor_execute", on_execute)
+        return seen
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.broker.stop()
+        if self.is_async:
+            self.run(self.engine.dispose())
+            assert self.runner is not None
+            self.runner.close()
+        self.sync_engine.dispose()
+
+
+@pytest.fixture(params=["sqlite-sync", "sqlite-async", "postgresql-sync", "postgresql-async"])
+def h(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Harness]:
+    """The harness for one (database, session kind) combination."""
+    dialect, kind = request.param.split("-")
+    url = (request.getfixturevalue("postgres_url") if dialect == "postgresql"
+           else request.getfixturevalue("sqlite_url"))
+    harness = Harness(dialect, kind == "async", url, os.fspath(tmp_path))
+    try:
+        yield harness
+    finally:
+        harness.close()
+
+
+@pytest.fixture
+def hs(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Harness]:
+    """A sync SQLite harness, for tests about registration rather than databases."""
+    harness = Harness("sqlite", False, request.getfixturevalue("sqlite_url"),
+                      os.fspath(tmp_path))
+    try:
+        yield harness
+    finally:
+        harness.close()

@@ -1,0 +1,69 @@
+"""Models for the capture tests: plain, server defaults, parent/child cascade, joined
+inheritance, composite primary key, a table in an explicit schema."""
+
+from __future__ import annotations
+
+from sqlalchemy import ForeignKey, LargeBinary, String, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+AUDIT_SCHEMA = "audit"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+    email: Mapped[str | None] = mapped_column(String(100), default=None)
+    status: Mapped[str] = mapped_column(String(20), server_default="new")
+    score: Mapped[int] = mapped_column(server_default=text("7"))
+    posts: Mapped[list[Post]] = relationship(
+        back_populates="author", cascade="all, delete-orphan", order_by="Post.id"
+    )
+
+
+class Post(Base):
+    __tablename__ = "posts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    title: Mapped[str] = mapped_column(String(100))
+    author: Mapped[User] = relationship(back_populates="posts")
+
+
+class Employee(Base):
+    __tablename__ = "employees"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+    kind: Mapped[str] = mapped_column(String(20))
+    __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "employee"}
+
+
+class Engineer(Employee):
+    __tablename__ = "engineers"
+
+    id: Mapped[int] = mapped_column(ForeignKey("employees.id"), primary_key=True)
+    language: Mapped[str] = mapped_column(String(20))
+    __mapper_args__ = {"polymorphic_identity": "engineer"}
+
+
+class Membership(Base):
+    __tablename__ = "memberships"
+
+    group_id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    user_id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    role: Mapped[str] = mapped_column(String(20))
+
+
+class Ledger(Base):
+    __tablename__ = "ledger"
+    __table_args__ = {"schema": AUDIT_SCHEMA}
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    note: Mapped[str] = mapped_column(String(100))
+    blob: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
