@@ -34,14 +34,17 @@ def wait_for() -> Waiter:
 
 @pytest.fixture
 def make_broker() -> Iterator[Callable[..., Broker]]:
-    """Build started brokers (each with its own metrics registry); all stopped at teardown."""
+    """Build started brokers (each with its own metrics registry).
+
+    At teardown every broker is stopped, then every provider they used is closed.
+    """
     made: list[Broker] = []
-    providers: list[MemoryProvider] = []
+    providers: list[Any] = []
 
     def make(start: bool = True, **kwargs: Any) -> Broker:
         if "provider" not in kwargs:
             kwargs["provider"] = MemoryProvider()
-            providers.append(kwargs["provider"])
+        providers.append(kwargs["provider"])
         kwargs.setdefault("retry_policy", QUICK_RETRIES)
         kwargs.setdefault("registry", CollectorRegistry())
         kwargs.setdefault("worker_count", 4)
