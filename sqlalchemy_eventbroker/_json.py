@@ -56,8 +56,13 @@ def to_jsonable(value: object, _path: str = "payload") -> JSON:
 def _key(key: object, path: str) -> str:
     if isinstance(key, str):
         return key
-    if isinstance(key, (int, float, bool, uuid.UUID, Decimal)) or key is None:
-        return str(key) if not isinstance(key, bool) else ("true" if key else "false")
+    # Non-string keys are written as json.dumps writes them: true/false/null, not Python's.
+    if key is None:
+        return "null"
+    if isinstance(key, bool):
+        return "true" if key else "false"
+    if isinstance(key, (int, float, uuid.UUID, Decimal)):
+        return str(key)
     raise PayloadError(f"{path}: dict key {key!r} of type {type(key).__name__} is not a string")
 
 

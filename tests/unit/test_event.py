@@ -21,7 +21,7 @@ from sqlalchemy_eventbroker.event import (
     uuid7,
 )
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 FIELDS = [
     "id", "source", "type", "status", "retry_count", "error", "payload", "user_id",
