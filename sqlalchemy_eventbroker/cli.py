@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from .config import load_config
-from .errors import BrokerError, ConfigError
+from .errors import BrokerError, ConfigError, PatternError
 
 __all__ = ["main"]
 
@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return handler(args)
-    except ConfigError as exc:
+    except (ConfigError, PatternError) as exc:  # bad input rather than a failed operation
         _err(f"error: {exc}")
         return 2
     except (BrokerError, OSError, ImportError) as exc:

@@ -1,0 +1,235 @@
+"""The eventbroker command: usage, config check, migrate and events list (on SQLite files)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+import sqlalchemy as sa
+import yaml
+
+from sqlalchemy_eventbroker.cli import URL_ENV, main
+from sqlalchemy_eventbroker.config import EventBrokerConfig
+
+# -- usage ---------------------------------------------------------------------------------------
+
+
+def test_main__no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
+    """Without a command, the help goes to stderr and the status is 2."""
+    assert main([]) == 2
+    assert "usage: eventbroker" in capsys.readouterr().err
+
+
+def test_main__help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    """--help prints the commands and returns 0 instead of raising SystemExit."""
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "migrate" in out and "config" in out and "events" in out
+
+
+@pytest.mark.parametrize("argv", [["nope"], ["migrate", "sideways"], ["events", "list", "--limit",
+                                                                       "-1"]])
+def test_main__usage_error_is_two(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """An unknown command or bad option is a usage error: status 2, message on stderr."""
+    assert main(argv) == 2
+    assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("group", ["migrate", "config", "events"])
+def test_main__group_without_action_prints_its_help(
+    group: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A command group without its action shows that group's help, status 2."""
+    assert main([group]) == 2
+    assert f"usage: eventbroker {group}" in capsys.readouterr().err
+
+
+# -- config check --------------------------------------------------------------------------------
+
+
+def test_config_check__prints_effective_config(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A good file prints the whole effective configuration as YAML, defaults filled in."""
+    path = tmp_path / "eb.yaml"
+    path.write_text("event_broker:\n  worker_count: 3\n  memory: {max_age: 1h}\n")
+    assert main(["config", "check", str(path)]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    expected = EventBrokerConfig(worker_count=3, memory={"max_age": 3600.0})  # type: ignore[arg-type]
+    assert printed == {"event_broker": expected.to_dict()}
+
+
+def test_config_check__json_format(tmp_path: pathlib.Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """--format json prints JSON."""
+    path = tmp_path / "eb.yaml"
+    path.write_text("mode: sync\n")
+    assert main(["config", "check", str(path), "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["event_broker"]["mode"] == "sync"
+
+
+def test_config_check__hides_passwords(tmp_path: pathlib.Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Passwords in the Redis section and the database URL are not printed."""
+    path = tmp_path / "eb.yaml"
+    path.write_text("redis: {password: hunter2}\n"
+                    "database: {url: 'postgresql+psycopg://me:s3cret@db/app'}\n")
+    assert main(["config", "check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "hunter2" not in out and "s3cret" not in out and "***" in out
+
+
+def test_config_check__any_file_name(tmp_path: pathlib.Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """FILE is read as a file whatever its suffix."""
+    path = tmp_path / "eventbroker.conf"
+    path.write_text("buffer_size: 7\n")
+    assert main(["config", "check", str(path)]) == 0
+    assert "buffer_size: 7" in capsys.readouterr().out
+
+
+def test_config_check__bad_value_is_two(tmp_path: pathlib.Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A wrong value prints the ConfigError naming its path and returns 2."""
+    path = tmp_path / "eb.yaml"
+    path.write_text("event_broker:\n  worker_count: ten\n")
+    assert main(["config", "check", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == (
+        "error: event_broker.worker_count: expected int >= 1, got 'ten'")
+    assert captured.out == ""
+
+
+def test_config_check__unset_variable_is_two(tmp_path: pathlib.Path,
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """An unset ${VAR} is reported with the variable's name."""
+    monkeypatch.delenv("EB_CLI_TEST_UNSET", raising=False)
+    path = tmp_path / "eb.yaml"
+    path.write_text("instance_id: ${EB_CLI_TEST_UNSET}\n")
+    assert main(["config", "check", str(path)]) == 2
+    assert "EB_CLI_TEST_UNSET" in capsys.readouterr().err
+
+
+def test_config_check__missing_file_is_two(tmp_path: pathlib.Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A file that does not exist is reported, status 2."""
+    assert main(["config", "check", str(tmp_path / "none.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+# -- migrate -------------------------------------------------------------------------------------
+
+
+def tables(url: str) -> set[str]:
+    engine = sa.create_engine(url)
+    try:
+        return set(sa.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def test_migrate__upgrade_then_downgrade(sqlite_url: str,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """upgrade creates the events table under our own version table; downgrade drops it."""
+    assert main(["migrate", "upgrade", "--url", sqlite_url]) == 0
+    after_up = tables(sqlite_url)
+    assert "events" in after_up
+    assert "alembic_version" not in after_up
+    assert any(t.startswith("eventbroker_alembic_version") for t in after_up)
+    assert "upgrade to head: done" in capsys.readouterr().out
+    assert main(["migrate", "downgrade", "--url", sqlite_url]) == 0
+    assert "events" not in tables(sqlite_url)
+
+
+def test_migrate__upgrade_twice_is_harmless(sqlite_url: str) -> None:
+    """Running upgrade on an up-to-date database changes nothing and succeeds."""
+    assert main(["migrate", "upgrade", "--url", sqlite_url]) == 0
+    assert main(["migrate", "upgrade", "--url", sqlite_url]) == 0
+
+
+def test_migrate__table_name_option(sqlite_url: str) -> None:
+    """--table-name creates the events table under that name."""
+    assert main(["migrate", "upgrade", "--url", sqlite_url, "--table-name", "audit_events"]) == 0
+    assert "audit_events" in tables(sqlite_url)
+
+
+def test_migrate__url_from_environment(sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --url, EVENTBROKER_DATABASE_URL is used."""
+    monkeypatch.setenv(URL_ENV, sqlite_url)
+    assert main(["migrate", "upgrade"]) == 0
+    assert "events" in tables(sqlite_url)
+
+
+def test_migrate__no_url_is_two(monkeypatch: pytest.MonkeyPatch,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --url or the variable, the command says what is missing, status 2."""
+    monkeypatch.delenv(URL_ENV, raising=False)
+    assert main(["migrate", "upgrade"]) == 2
+    assert URL_ENV in capsys.readouterr().err
+
+
+def test_migrate__bad_url_is_one(capsys: pytest.CaptureFixture[str]) -> None:
+    """A URL SQLAlchemy cannot use fails the operation: status 1, a one-line error."""
+    assert main(["migrate", "upgrade", "--url", "not a url"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+
+
+# -- events list ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def stored(sqlite_url: str) -> str:
+    """A SQLite database holding three events: two users events (one failed), one order."""
+    from sqlalchemy_eventbroker.event import EventStatus, new_event
+    from sqlalchemy_eventbroker.providers.base import EventFilter
+    from sqlalchemy_eventbroker.providers.database import DatabaseProvider
+
+    assert main(["migrate", "upgrade", "--url", sqlite_url]) == 0
+    provider = DatabaseProvider(sqlite_url)
+    try:
+        for t in ("public.users.create", "public.orders.create", "public.users.update"):
+            provider.store(new_event("database", t, {"t": t}))
+        failed = provider.list(EventFilter(type_pattern="public.users.update"))[0]
+        provider.update_status(failed.id, EventStatus.FAILED, "boom", retry_count=2)
+    finally:
+        provider.close()
+    return sqlite_url
+
+
+def test_events_list__all_oldest_first(stored: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """events list prints every stored event, oldest first, with a count."""
+    assert main(["events", "list", "--url", stored]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[3] for line in lines[:-1]] == [
+        "public.users.create", "public.orders.create", "public.users.update"]
+    assert "retries=2" in lines[2] and "error='boom'" in lines[2]
+    assert lines[-1] == "(3 events)"
+
+
+def test_events_list__type_pattern_and_limit(stored: str,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """--type filters by pattern and --limit caps the count."""
+    assert main(["events", "list", "--url", stored, "--type", "public.users.*", "--limit",
+                 "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and "public.users.create" in lines[0] and lines[1] == "(1 event)"
+
+
+def test_events_list__status_and_json(stored: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """--status filters; --json prints one event object per line."""
+    from sqlalchemy_eventbroker.event import Event
+
+    assert main(["events", "list", "--url", stored, "--status", "failed", "--json"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1
+    event = Event.from_json(lines[0])
+    assert (event.type, event.error, event.retry_count) == ("public.users.update", "boom", 2)
+
+
+def test_events_list__bad_pattern_is_two(stored: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """An invalid --type pattern is reported, not a traceback."""
+    assert main(["events", "list", "--url", stored, "--type", "a..b"]) == 2
+    assert "a..b" in capsys.readouterr().err
