@@ -9,6 +9,7 @@ Brokers are in sync mode, so events have been dispatched when ``tx`` returns.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -66,9 +67,10 @@ class Harness:
         else:
             self.engine = self.sync_engine
             self.factory = sessionmaker(self.engine, expire_on_commit=False)
+        self.registry = CollectorRegistry()
         self.broker = Broker(MemoryProvider(), mode="sync", instance_id="capture-test",
                              retry_policy=RetryPolicy(max_retries=0),
-                             registry=CollectorRegistry()).start()
+                             registry=self.registry).start()
         self.recorder = EventRecorder()
         self.broker.subscribe("*", self.recorder)
         self.handles: list[CaptureHandle] = []
@@ -114,8 +116,14 @@ class Harness:
         return self.run(main())
 
     def run(self, coro: Any) -> Any:
+        """Run ``coro`` on this harness's loop, in the caller's current context."""
         assert self.runner is not None
-        return self.runner.run(coro)
+        return self.runner.run(coro, context=contextvars.copy_context())
+
+    def capture_errors(self) -> float:
+        """How many failures capture kept away from the user (the broker's counter)."""
+        value = self.registry.get_sample_value("eventbroker_errors_total", {"kind": "capture"})
+        return value or 0.0
 
     def count_statements(self) -> list[str]:
         """A list that fills with every statement the engine sends from now on."""
