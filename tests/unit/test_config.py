@@ -651,3 +651,25 @@ def test_build_provider__other_import_errors_propagate(monkeypatch: pytest.Monke
     _fake_module(monkeypatch, "nats", "NatsProvider", broken)
     with pytest.raises(ModuleNotFoundError):
         build_provider(load_config({"provider": "nats"}))
+
+
+@pytest.mark.parametrize(
+    ("provider", "module", "driver", "extra"),
+    [
+        ("redis", "sqlalchemy_eventbroker.providers.redis", "redis", "redis"),
+        ("nats", "sqlalchemy_eventbroker.providers.nats", "nats", "nats"),
+        ("database", "sqlalchemy_eventbroker.providers.database", "psycopg", "postgres"),
+    ],
+)
+def test_build_provider__real_module_without_driver(
+    monkeypatch: pytest.MonkeyPatch, provider: str, module: str, driver: str, extra: str
+) -> None:
+    """With the driver made unimportable, the real provider module gives the extra's command."""
+    monkeypatch.setitem(sys.modules, driver, None)  # `import <driver>` now fails
+    if driver != "psycopg":  # these import their driver at module import
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    config = load_config({"provider": provider,
+                          "database": {"url": "postgresql+psycopg://127.0.0.1:1/none"}})
+    with pytest.raises(ConfigError) as info:
+        build_provider(config)
+    assert f"pip install 'sqlalchemy-eventbroker[{extra}]'" in str(info.value)
