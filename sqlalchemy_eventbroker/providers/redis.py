@@ -750,9 +750,8 @@ class RedisProvider(ProviderBase):
                     self._reader_wake.wait()
                 if self._closed:
                     return
-                streams = list(self._streams)
                 if cursor is None:
-                    s0 = min(streams, key=lambda s: s.start)
+                    s0 = min(self._streams, key=lambda s: s.start)
                     cursor = f"{s0.start[0]}-{s0.start[1]}"
             try:
                 resp = client.xread({self.stream_name: cursor}, count=self.batch_size,
@@ -766,6 +765,9 @@ class RedisProvider(ProviderBase):
                             self._address, exc, delay)
                 time.sleep(delay)
                 continue
+            # Streams opened while we were blocked count too: their start id filters them.
+            with self._lock:
+                streams = list(self._streams)
             delivered = 0
             for _name, entries in resp or ():
                 for entry_id, fields in entries:

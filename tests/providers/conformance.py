@@ -1,0 +1,924 @@
+"""The provider conformance suite: one set of tests every provider passes.
+
+Subclass :class:`ProviderConformance` once per backend (``test_<backend>.py``), give it a
+``provider_factory`` fixture and set the capability flags to what the backend guarantees::
+
+    class TestRedisProvider(ProviderConformance):
+        durable_across_restart = True
+
+        @pytest.fixture
+        def provider_factory(self, redis_url, unique_name):
+            made = []
+            def make():
+                made.append(RedisProvider(redis_url, stream_name=f"test:{unique_name}"))
+                return made[-1]
+            yield make
+            ...  # drop the backend namespace, close every provider made
+
+``provider_factory()`` returns a provider on **the same backend namespace** each time it is
+called: a second connection, as another process would have. Where the backend lives inside one
+object (``MemoryProvider``), the factory returns that same object again and sets
+``separate_instances = False``. The suite closes nothing the factory made; the fixture does.
+
+Capability flags (like SQLAlchemy's dialect requirements) say what a backend guarantees. A
+test of a guarantee a backend does not give is reported as an expected failure with the reason
+(``XFAIL``), never skipped silently: the README's provider table states the same limits.
+
+Timing: group tests use ``lease`` (seconds, short) and wait with deadlines, never bare sleeps,
+except where a test must show that something does *not* happen within a bounded time.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
+
+import pytest
+
+from sqlalchemy_eventbroker import Broker, Event, EventSource, EventStatus, new_event
+from sqlalchemy_eventbroker.providers.base import (
+    BatchProvider,
+    Delivery,
+    EventFilter,
+    EventStream,
+    GroupStream,
+    Provider,
+    ProviderStats,
+)
+from sqlalchemy_eventbroker.testing import EventRecorder
+
+__all__ = ["ProviderConformance"]
+
+UTC = dt.timezone.utc
+ProviderFactory = Callable[[], Provider]
+
+
+def _event(type_: str = "public.users.create", payload: Any = None, **fields: Any) -> Event:
+    e = new_event(fields.pop("source", EventSource.DATABASE), type_, payload,
+                  user_id=fields.pop("user_id", None),
+                  session_id=fields.pop("session_id", ""),
+                  instance_id=fields.pop("instance_id", ""),
+                  metadata=fields.pop("metadata", None))
+    for key, value in fields.items():
+        setattr(e, key, value)
+    return e
+
+
+def _drain(stream: EventStream | GroupStream, count: int, timeout: float) -> list[Any]:
+    """Receive until ``count`` items arrived or ``timeout`` passed; returns what arrived."""
+    got: list[Any] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < count:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        item = stream.receive(timeout=min(remaining, 0.5))
+        if item is not None:
+            got.append(item)
+    return got
+
+
+def _quiet(stream: EventStream | GroupStream, period: float) -> list[Any]:
+    """Everything that arrives within ``period`` seconds (expected: nothing)."""
+    got: list[Any] = []
+    deadline = time.monotonic() + period
+    while (remaining := deadline - time.monotonic()) > 0:
+        item = stream.receive(timeout=min(remaining, 0.25))
+        if item is not None:
+            got.append(item)
+    return got
+
+
+def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+class ProviderConformance:
+    """The whole ``Provider`` protocol plus the cross-instance semantics of API.md section 3."""
+
+    # -- capability flags: override in a subclass to state what the backend guarantees -------
+
+    #: ``group_stream`` is implemented (competing consumers with leases).
+    supports_groups: ClassVar[bool] = True
+    #: Events published by one publisher reach every stream and group in publish order.
+    ordered_per_publisher: ClassVar[bool] = True
+    #: A new provider object on the same backend (after ``close()``) still has the stored
+    #: events and the groups' positions: state lives outside the process.
+    durable_across_restart: ClassVar[bool] = True
+    #: ``provider_factory()`` returns distinct connections to one backend (False: one object).
+    separate_instances: ClassVar[bool] = True
+    #: Lease, in seconds, used by the group tests; short so the suite stays fast.
+    lease: ClassVar[float] = 1.0
+    #: How long a delivery may take to arrive before a test fails.
+    delivery_timeout: ClassVar[float] = 5.0
+    #: How long a test watches to be confident something does *not* arrive.
+    quiet_period: ClassVar[float] = 0.5
+
+    # -- fixtures ------------------------------------------------------------------------------
+
+    @pytest.fixture
+    def provider_factory(self) -> Iterator[ProviderFactory]:
+        """Abstract: yield a callable making providers on one backend namespace (see above)."""
+        raise NotImplementedError(f"{type(self).__name__} must define a provider_factory fixture")
+        yield  # pragma: no cover
+
+    @pytest.fixture
+    def provider(self, provider_factory: ProviderFactory) -> Provider:
+        return provider_factory()
+
+    @pytest.fixture
+    def peer(self, provider_factory: ProviderFactory) -> Provider:
+        """A second provider on the same backend: what another process would hold."""
+        return provider_factory()
+
+    def lacks(self, capability: str, why: str) -> None:
+        """Mark this test as testing a guarantee the provider does not give (XFAIL)."""
+        if not getattr(self, capability):
+            pytest.xfail(f"{type(self).__name__}: {capability} is False: {why}")
+
+    # -- the protocol itself -------------------------------------------------------------------
+
+    def test_protocol__provider_implements_it(self, provider: Provider) -> None:
+        """The provider satisfies the runtime-checkable ``Provider`` protocol."""
+        assert isinstance(provider, Provider)
+
+    # -- store, get ------------------------------------------------------------------------------
+
+    def test_store__get_roundtrips_every_field(self, provider: Provider) -> None:
+        """``get`` returns an event equal to the stored one, field by field."""
+        e = _event("public.users.update", {"name": "ada", "tags": [], "n": 1.5, "nested": {}},
+                   user_id=7, session_id="sess-1", instance_id="api-1",
+                   metadata={"changes": {"name": {"old": "a", "new": "ada"}}, "empty": []})
+        e.retry_count = 2
+        e.error = "boom"
+        e.processed_at = e.created_at + dt.timedelta(milliseconds=5)
+        provider.store(e)
+        got = provider.get(e.id)
+        assert got == e
+        assert got is not e
+        assert got.created_at.tzinfo is not None
+
+    def test_store__keeps_a_copy(self, provider: Provider) -> None:
+        """Changing the event object after ``store`` does not change what is stored."""
+        e = _event(payload={"a": 1})
+        provider.store(e)
+        e.payload = {"a": 2}
+        e.status = EventStatus.FAILED
+        got = provider.get(e.id)
+        assert got is not None and got.payload == {"a": 1} and got.status is EventStatus.PENDING
+
+    def test_store__same_id_replaces(self, provider: Provider) -> None:
+        """Storing an event again under the same id replaces it; ``list`` shows it once."""
+        e = _event(payload={"v": 1})
+        provider.store(e)
+        e.payload = {"v": 2}
+        provider.store(e)
+        assert provider.get(e.id).payload == {"v": 2}  # type: ignore[union-attr]
+        assert [x.id for x in provider.list(EventFilter())] == [e.id]
+
+    def test_get__unknown_id_is_none(self, provider: Provider) -> None:
+        """An id never stored gives ``None``, not an error."""
+        assert provider.get("00000000-0000-7000-8000-000000000000") is None
+
+    def test_store__payload_of_100_kb(self, provider: Provider) -> None:
+        """A 100 KB payload is stored, read back and carried by a stream intact."""
+        big = {"blob": "x" * 100_000, "n": list(range(100))}
+        stream = provider.stream("*")
+        try:
+            e = _event("public.files.create", big)
+            provider.store(e)
+            provider.publish(e)
+            assert provider.get(e.id).payload == big  # type: ignore[union-attr]
+            got = _drain(stream, 1, self.delivery_timeout)
+            assert [x.payload for x in got] == [big]
+        finally:
+            stream.close()
+
+    def test_store_many__and_publish_many(self, provider: Provider) -> None:
+        """A ``BatchProvider`` stores and publishes a batch like single calls would."""
+        if not isinstance(provider, BatchProvider):
+            pytest.xfail(f"{type(provider).__name__} is not a BatchProvider")
+        events = [_event(f"public.batch.e{i}", {"i": i}) for i in range(250)]
+        stream = provider.stream("public.batch.*")
+        try:
+            provider.store_many(events)
+            provider.publish_many(events)
+            got = _drain(stream, len(events), self.delivery_timeout * 2)
+            assert sorted(e.id for e in got) == sorted(e.id for e in events)
+            assert all(provider.get(e.id) == e for e in events[::50])
+        finally:
+            stream.close()
+
+    # -- list ----------------------------------------------------------------------------------
+
+    @pytest.fixture
+    def stored(self, provider: Provider) -> list[Event]:
+        """Eight events with distinct field values, created 1 s apart, stored in order."""
+        base = dt.datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+        specs = [
+            ("public.users.create", EventSource.DATABASE, 1, "api-1"),
+            ("public.users.update", EventSource.DATABASE, 2, "api-1"),
+            ("public.orders.create", EventSource.DATABASE, 1, "api-2"),
+            ("auth.sessions.create", EventSource.SYSTEM, None, "api-2"),
+            ("public.users.delete", EventSource.DATABASE, 1, "api-1"),
+            ("ui.clicked", EventSource.FRONTEND, 3, "web"),
+            ("public.orders.update", EventSource.DATABASE, 2, "api-2"),
+            ("auth.sessions.delete", EventSource.SYSTEM, None, "api-1"),
+        ]
+        events = []
+        for i, (type_, source, user, inst) in enumerate(specs):
+            e = _event(type_, {"i": i}, source=source, user_id=user, instance_id=inst)
+            e.created_at = base + dt.timedelta(seconds=i)
+            events.append(e)
+            provider.store(e)
+        provider.update_status(events[1].id, EventStatus.COMPLETED)
+        provider.update_status(events[4].id, EventStatus.FAILED, "boom")
+        provider.update_status(events[6].id, EventStatus.PROCESSING)
+        return events
+
+    def test_list__all_oldest_first(self, provider: Provider, stored: list[Event]) -> None:
+        """An empty filter lists everything, oldest ``created_at`` first."""
+        assert [e.id for e in provider.list(EventFilter())] == [e.id for e in stored]
+
+    def test_list__oldest_first_even_when_stored_out_of_order(self, provider: Provider) -> None:
+        """Order is by ``created_at``, not by the order of ``store`` calls."""
+        base = dt.datetime(2024, 1, 1, tzinfo=UTC)
+        late, early = _event("a.b.c"), _event("a.b.c")
+        late.created_at, early.created_at = base + dt.timedelta(seconds=5), base
+        provider.store(late)
+        provider.store(early)
+        assert [e.id for e in provider.list(EventFilter())] == [early.id, late.id]
+
+    @pytest.mark.parametrize(
+        ("flt", "expected"),
+        [
+            pytest.param(EventFilter(source=EventSource.SYSTEM), [3, 7], id="source"),
+            pytest.param(EventFilter(status=EventStatus.PENDING), [0, 2, 3, 5, 7], id="status"),
+            pytest.param(EventFilter(status=EventStatus.FAILED), [4], id="status-failed"),
+            pytest.param(EventFilter(user_id=1), [0, 2, 4], id="user_id"),
+            pytest.param(EventFilter(schema="auth"), [3, 7], id="schema"),
+            pytest.param(EventFilter(entity="orders"), [2, 6], id="entity"),
+            pytest.param(EventFilter(operation="create"), [0, 2, 3], id="operation"),
+            pytest.param(EventFilter(instance_id="api-2"), [2, 3, 6], id="instance_id"),
+            pytest.param(EventFilter(type_pattern="public.users.*"), [0, 1, 4], id="pattern"),
+            pytest.param(EventFilter(type_pattern="*.*.delete"), [4, 7], id="pattern-star"),
+            pytest.param(EventFilter(type_pattern="public.**"), [0, 1, 2, 4, 6], id="pattern-**"),
+            pytest.param(EventFilter(type_pattern="*"), list(range(8)), id="pattern-all"),
+            pytest.param(EventFilter(schema="public", operation="update", user_id=2), [1, 6],
+                         id="combined"),
+            pytest.param(EventFilter(limit=3), [0, 1, 2], id="limit"),
+            pytest.param(EventFilter(limit=3, offset=2), [2, 3, 4], id="limit-offset"),
+            pytest.param(EventFilter(offset=6), [6, 7], id="offset"),
+            pytest.param(EventFilter(offset=20), [], id="offset-past-end"),
+            pytest.param(EventFilter(schema="public", limit=2, offset=1), [1, 2],
+                         id="filter-then-page"),
+        ],
+    )
+    def test_list__filters(self, provider: Provider, stored: list[Event], flt: EventFilter,
+                           expected: list[int]) -> None:
+        """Each ``EventFilter`` field selects exactly its events; paging applies afterwards."""
+        assert [e.id for e in provider.list(flt)] == [stored[i].id for i in expected]
+
+    def test_list__time_range_start_inclusive_end_exclusive(
+        self, provider: Provider, stored: list[Event]
+    ) -> None:
+        """``start_time`` is inclusive and ``end_time`` exclusive, on ``created_at``."""
+        flt = EventFilter(start_time=stored[2].created_at, end_time=stored[5].created_at)
+        assert [e.id for e in provider.list(flt)] == [e.id for e in stored[2:5]]
+        flt = EventFilter(start_time=stored[6].created_at)
+        assert [e.id for e in provider.list(flt)] == [e.id for e in stored[6:]]
+        flt = EventFilter(end_time=stored[1].created_at, type_pattern="public.**")
+        assert [e.id for e in provider.list(flt)] == [stored[0].id]
+
+    def test_list__returns_current_status(self, provider: Provider, stored: list[Event]) -> None:
+        """Listed events carry the status fields written by ``update_status``."""
+        by_id = {e.id: e for e in provider.list(EventFilter())}
+        assert by_id[stored[1].id].status is EventStatus.COMPLETED
+        assert by_id[stored[4].id].error == "boom"
+        assert by_id[stored[6].id].processed_at is not None
+
+    # -- update_status, delete ---------------------------------------------------------------
+
+    def test_update_status__processing_sets_processed_at(self, provider: Provider) -> None:
+        """``processing`` sets ``processed_at`` (now) and leaves ``completed_at`` unset."""
+        e = _event()
+        provider.store(e)
+        before = dt.datetime.now(UTC)
+        provider.update_status(e.id, EventStatus.PROCESSING)
+        got = provider.get(e.id)
+        assert got is not None and got.status is EventStatus.PROCESSING
+        assert got.processed_at is not None and got.processed_at >= before - dt.timedelta(seconds=1)
+        assert got.completed_at is None
+
+    def test_update_status__completed_sets_both_timestamps(self, provider: Provider) -> None:
+        """``completed`` sets ``completed_at`` and, when never set, ``processed_at``."""
+        e = _event()
+        provider.store(e)
+        provider.update_status(e.id, EventStatus.COMPLETED)
+        got = provider.get(e.id)
+        assert got is not None and got.status is EventStatus.COMPLETED
+        assert got.completed_at is not None and got.processed_at is not None
+        assert got.error == ""
+
+    def test_update_status__keeps_earlier_processed_at(self, provider: Provider) -> None:
+        """``completed`` after ``processing`` keeps the earlier ``processed_at``."""
+        e = _event()
+        provider.store(e)
+        provider.update_status(e.id, EventStatus.PROCESSING)
+        first = provider.get(e.id).processed_at  # type: ignore[union-attr]
+        provider.update_status(e.id, EventStatus.COMPLETED)
+        got = provider.get(e.id)
+        assert got is not None and got.processed_at == first
+        assert got.completed_at is not None and got.completed_at >= first  # type: ignore[operator]
+
+    def test_update_status__failed_records_error_and_retry_count(self, provider: Provider) -> None:
+        """``failed`` records the error text and, when given, the retry count."""
+        e = _event()
+        provider.store(e)
+        provider.update_status(e.id, EventStatus.FAILED, "handler x: boom", retry_count=3)
+        got = provider.get(e.id)
+        assert got is not None
+        assert (got.status, got.error, got.retry_count) == (EventStatus.FAILED,
+                                                            "handler x: boom", 3)
+        assert got.completed_at is not None
+        provider.update_status(e.id, EventStatus.PENDING)
+        got = provider.get(e.id)
+        assert got is not None and got.retry_count == 3 and got.error == ""
+
+    def test_update_status__unknown_id_is_ignored(self, provider: Provider) -> None:
+        """Updating an id that is not stored neither raises nor creates anything."""
+        provider.update_status("00000000-0000-7000-8000-000000000001", EventStatus.COMPLETED)
+        assert provider.get("00000000-0000-7000-8000-000000000001") is None
+        assert provider.list(EventFilter()) == []
+
+    def test_update_status__leaves_other_fields(self, provider: Provider) -> None:
+        """Only status, error, retry count and timestamps change."""
+        e = _event(payload={"k": [1, 2]}, user_id=5, metadata={"m": 1})
+        provider.store(e)
+        provider.update_status(e.id, EventStatus.COMPLETED, retry_count=1)
+        got = provider.get(e.id)
+        assert got is not None
+        assert (got.payload, got.user_id, got.metadata, got.type, got.created_at) == (
+            e.payload, e.user_id, e.metadata, e.type, e.created_at)
+
+    def test_delete__removes_the_event(self, provider: Provider) -> None:
+        """A deleted event is gone from ``get`` and ``list``; deleting again is harmless."""
+        keep, gone = _event(), _event()
+        provider.store(keep)
+        provider.store(gone)
+        provider.delete(gone.id)
+        assert provider.get(gone.id) is None
+        assert [e.id for e in provider.list(EventFilter())] == [keep.id]
+        provider.delete(gone.id)
+        provider.delete("00000000-0000-7000-8000-000000000002")
+
+    # -- fan-out streams ---------------------------------------------------------------------
+
+    def test_stream__sees_only_events_published_after_it_opened(self, provider: Provider) -> None:
+        """A stream gets what is published after ``stream()`` returned, nothing before."""
+        early = _event("public.users.create")
+        provider.store(early)
+        provider.publish(early)
+        stream = provider.stream("*")
+        try:
+            late = _event("public.users.create")
+            provider.store(late)
+            provider.publish(late)
+            got = _drain(stream, 1, self.delivery_timeout)
+            assert [e.id for e in got] == [late.id]
+            assert _quiet(stream, self.quiet_period) == []
+        finally:
+            stream.close()
+
+    def test_stream__each_event_exactly_once(self, provider: Provider) -> None:
+        """Every published event arrives once: no loss, no duplicates."""
+        stream = provider.stream("public.**")
+        try:
+            events = [_event("public.items.create", {"i": i}) for i in range(50)]
+            for e in events:
+                provider.store(e)
+                provider.publish(e)
+            got = _drain(stream, len(events), self.delivery_timeout)
+            got += _quiet(stream, self.quiet_period)
+            assert Counter(e.id for e in got) == Counter(e.id for e in events)
+        finally:
+            stream.close()
+
+    def test_stream__in_publish_order(self, provider: Provider) -> None:
+        """Events from one publisher arrive in the order they were published."""
+        self.lacks("ordered_per_publisher", "the backend may reorder events")
+        stream = provider.stream("*")
+        try:
+            events = [_event("public.seq.create", {"i": i}) for i in range(100)]
+            for e in events:
+                provider.publish(e)
+            got = _drain(stream, len(events), self.delivery_timeout)
+            assert [e.payload for e in got] == [e.payload for e in events]
+        finally:
+            stream.close()
+
+    @pytest.mark.parametrize(
+        ("pattern", "expected"),
+        [
+            ("*", ["public.users.create", "public.users.delete", "public.orders.create",
+                   "auth.sessions.create", "public.users.create.extra", "ui"]),
+            ("public.users.*", ["public.users.create", "public.users.delete"]),
+            ("*.*.create", ["public.users.create", "public.orders.create",
+                            "auth.sessions.create"]),
+            ("public.**", ["public.users.create", "public.users.delete", "public.orders.create",
+                           "public.users.create.extra"]),
+            ("public.users.create", ["public.users.create"]),
+            ("ui", ["ui"]),
+            ("nothing.*", []),
+        ],
+    )
+    def test_stream__pattern_selects_types(self, provider: Provider, pattern: str,
+                                           expected: list[str]) -> None:
+        """A stream's pattern selects event types with the rules of ``matches``."""
+        types = ["public.users.create", "public.users.delete", "public.orders.create",
+                 "auth.sessions.create", "public.users.create.extra", "ui"]
+        stream = provider.stream(pattern)
+        try:
+            for t in types:
+                provider.publish(_event(t))
+            got = _drain(stream, len(expected), self.delivery_timeout)
+            got += _quiet(stream, self.quiet_period)
+            assert sorted(e.type for e in got) == sorted(expected)
+        finally:
+            stream.close()
+
+    def test_stream__two_streams_each_get_every_event(self, provider: Provider) -> None:
+        """Two open streams on one provider each receive every matching event once."""
+        a, b = provider.stream("*"), provider.stream("public.*.create")
+        try:
+            events = [_event("public.users.create", {"i": i}) for i in range(10)]
+            other = _event("auth.sessions.create")
+            for e in [*events[:5], other, *events[5:]]:
+                provider.publish(e)
+            got_a = _drain(a, 11, self.delivery_timeout) + _quiet(a, self.quiet_period)
+            got_b = _drain(b, 10, self.delivery_timeout) + _quiet(b, self.quiet_period)
+            assert sorted(e.id for e in got_a) == sorted([*(e.id for e in events), other.id])
+            assert sorted(e.id for e in got_b) == sorted(e.id for e in events)
+        finally:
+            a.close()
+            b.close()
+
+    def test_stream__receives_from_another_instance(self, provider: Provider,
+                                                    peer: Provider) -> None:
+        """A stream on one provider instance gets what another instance publishes."""
+        stream = peer.stream("*")
+        try:
+            e = _event()
+            provider.store(e)
+            provider.publish(e)
+            got = _drain(stream, 1, self.delivery_timeout)
+            assert [x.id for x in got] == [e.id]
+            assert got[0] == e
+        finally:
+            stream.close()
+
+    def test_stream__receive_times_out_with_none(self, provider: Provider) -> None:
+        """``receive(timeout)`` returns ``None`` when nothing arrives in time."""
+        stream = provider.stream("*")
+        try:
+            t0 = time.monotonic()
+            assert stream.receive(timeout=0.2) is None
+            assert time.monotonic() - t0 < 5
+        finally:
+            stream.close()
+
+    def test_stream__iterates(self, provider: Provider) -> None:
+        """A stream is an iterator of events; closing it ends the iteration."""
+        stream = provider.stream("*")
+        events = [_event() for _ in range(3)]
+        for e in events:
+            provider.publish(e)
+        got = []
+        for item in stream:
+            got.append(item)
+            if len(got) == 3:
+                stream.close()
+        assert sorted(e.id for e in got) == sorted(e.id for e in events)
+
+    def test_stream__close_wakes_a_blocked_receive(self, provider: Provider) -> None:
+        """``close()`` from another thread ends a ``receive(None)`` with ``StopIteration``."""
+        stream = provider.stream("*")
+        outcome: list[str] = []
+
+        def reader() -> None:
+            try:
+                stream.receive(timeout=None)
+                outcome.append("event")
+            except StopIteration:
+                outcome.append("stopped")
+
+        t = threading.Thread(target=reader)
+        t.start()
+        time.sleep(0.2)  # let it block
+        t0 = time.monotonic()
+        stream.close()
+        t.join(5)
+        assert not t.is_alive() and outcome == ["stopped"]
+        assert time.monotonic() - t0 < 3
+        with pytest.raises(StopIteration):
+            stream.receive(timeout=0.1)
+        stream.close()  # idempotent
+
+    def test_stream__ends_when_provider_closes(self, provider_factory: ProviderFactory) -> None:
+        """Closing the provider ends its open streams (``StopIteration``)."""
+        p = provider_factory()
+        stream = p.stream("*")
+        p.close()
+        with pytest.raises(StopIteration):
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                stream.receive(timeout=0.2)
+
+    # -- groups -----------------------------------------------------------------------------
+
+    def test_group__competing_members_share_the_events(self, provider: Provider,
+                                                       peer: Provider) -> None:
+        """Members of one group (on two instances) get each event once between them."""
+        self.lacks("supports_groups", "no competing consumers")
+        a = provider.group_stream("public.**", "workers", lease=self.lease * 5)
+        b = peer.group_stream("public.**", "workers", lease=self.lease * 5)
+        try:
+            events = [_event("public.jobs.create", {"i": i}) for i in range(40)]
+            for e in events:
+                provider.store(e)
+                provider.publish(e)
+            seen: list[tuple[str, str]] = []
+            lock = threading.Lock()
+            stop = threading.Event()
+
+            def member(name: str, gs: GroupStream) -> None:
+                while not stop.is_set():
+                    try:
+                        d = gs.receive(timeout=0.2)
+                    except StopIteration:
+                        return
+                    if d is not None:
+                        with lock:
+                            seen.append((name, d.event.id))
+                        time.sleep(0.005)  # a little work, so both members take some
+                        d.ack()
+
+            threads = [threading.Thread(target=member, args=("a", a)),
+                       threading.Thread(target=member, args=("b", b))]
+            for t in threads:
+                t.start()
+            _wait(lambda: len(seen) >= len(events), self.delivery_timeout * 2, "all events")
+            time.sleep(self.quiet_period)
+            stop.set()
+            for t in threads:
+                t.join(5)
+            assert Counter(eid for _, eid in seen) == Counter(e.id for e in events)
+        finally:
+            a.close()
+            b.close()
+
+    def test_group__distinct_groups_each_get_every_event(self, provider: Provider) -> None:
+        """Two groups (or one group with two patterns) are independent consumers."""
+        self.lacks("supports_groups", "no competing consumers")
+        g1 = provider.group_stream("public.**", "emails", lease=self.lease * 5)
+        g2 = provider.group_stream("public.**", "audit", lease=self.lease * 5)
+        g3 = provider.group_stream("public.users.*", "emails", lease=self.lease * 5)
+        try:
+            events = [_event("public.users.create", {"i": i}) for i in range(5)]
+            for e in events:
+                provider.publish(e)
+            for gs in (g1, g2, g3):
+                got = _drain(gs, 5, self.delivery_timeout)
+                for d in got:
+                    d.ack()
+                assert sorted(d.event.id for d in got) == sorted(e.id for e in events)
+        finally:
+            for gs in (g1, g2, g3):
+                gs.close()
+
+    def test_group__pattern_filters(self, provider: Provider) -> None:
+        """A group member only gets events matching its pattern."""
+        self.lacks("supports_groups", "no competing consumers")
+        gs = provider.group_stream("*.*.delete", "cleanup", lease=self.lease * 5)
+        try:
+            for t in ("public.users.create", "public.users.delete", "auth.sessions.delete",
+                      "public.users.delete.extra"):
+                provider.publish(_event(t))
+            got = _drain(gs, 2, self.delivery_timeout)
+            for d in got:
+                d.ack()
+            got += _quiet(gs, self.quiet_period)
+            assert sorted(d.event.type for d in got) == ["auth.sessions.delete",
+                                                         "public.users.delete"]
+        finally:
+            gs.close()
+
+    def test_group__in_publish_order(self, provider: Provider) -> None:
+        """A single member receives one publisher's events in publish order."""
+        self.lacks("supports_groups", "no competing consumers")
+        self.lacks("ordered_per_publisher", "the backend may reorder events")
+        gs = provider.group_stream("*", "ordered", lease=self.lease * 5)
+        try:
+            events = [_event("public.seq.create", {"i": i}) for i in range(50)]
+            for e in events:
+                provider.publish(e)
+            got = _drain(gs, len(events), self.delivery_timeout)
+            for d in got:
+                d.ack()
+            assert [d.event.payload for d in got] == [e.payload for e in events]
+        finally:
+            gs.close()
+
+    def test_group__redelivers_after_lease_expiry(self, provider: Provider,
+                                                  peer: Provider) -> None:
+        """An event not acknowledged within its lease is delivered again, to any member."""
+        self.lacks("supports_groups", "no competing consumers")
+        a = provider.group_stream("public.**", "retry", lease=self.lease)
+        b = peer.group_stream("public.**", "retry", lease=self.lease)
+        try:
+            e = _event()
+            provider.publish(e)
+            first = _drain(a, 1, self.delivery_timeout) or _drain(b, 1, self.delivery_timeout)
+            assert [d.event.id for d in first] == [e.id]
+            # Nobody acks: after the lease one of the members gets it again.
+            deadline = time.monotonic() + self.lease * 4 + self.delivery_timeout
+            again: list[Delivery] = []
+            while not again and time.monotonic() < deadline:
+                for gs in (b, a):
+                    d = gs.receive(timeout=0.1)
+                    if d is not None:
+                        again.append(d)
+                        break
+            assert [d.event.id for d in again] == [e.id]
+            again[0].ack()
+            assert _quiet(a, self.lease * 1.5) + _quiet(b, 0.1) == []
+        finally:
+            a.close()
+            b.close()
+
+    def test_group__renew_keeps_the_lease(self, provider: Provider, peer: Provider) -> None:
+        """A member that renews keeps its delivery past the lease; nobody else gets it."""
+        self.lacks("supports_groups", "no competing consumers")
+        a = provider.group_stream("public.**", "slow", lease=self.lease)
+        b = peer.group_stream("public.**", "slow", lease=self.lease)
+        try:
+            e = _event()
+            provider.publish(e)
+            d = None
+            deadline = time.monotonic() + self.delivery_timeout
+            while d is None and time.monotonic() < deadline:
+                d = a.receive(timeout=0.1)
+            assert d is not None and d.event.id == e.id
+            end = time.monotonic() + self.lease * 3
+            stolen = []
+            while time.monotonic() < end:
+                d.renew()
+                got = b.receive(timeout=self.lease / 4)
+                if got is not None:
+                    stolen.append(got)
+            assert stolen == []
+            d.ack()
+            assert _quiet(b, self.lease * 1.5) == []
+        finally:
+            a.close()
+            b.close()
+
+    def test_group__ack_prevents_redelivery(self, provider: Provider) -> None:
+        """An acknowledged event is never delivered to the group again."""
+        self.lacks("supports_groups", "no competing consumers")
+        gs = provider.group_stream("public.**", "acked", lease=self.lease)
+        try:
+            e = _event()
+            provider.publish(e)
+            got = _drain(gs, 1, self.delivery_timeout)
+            assert [d.event.id for d in got] == [e.id]
+            got[0].ack()
+            assert _quiet(gs, self.lease * 2) == []
+        finally:
+            gs.close()
+
+    def test_group__catches_up_on_events_published_while_no_member_was_open(
+        self, provider: Provider, peer: Provider
+    ) -> None:
+        """A group is durable from its first opening: a later member gets the backlog."""
+        self.lacks("supports_groups", "no competing consumers")
+        first = provider.group_stream("public.**", "durable", lease=self.lease * 5)
+        first.close()
+        events = [_event("public.users.create", {"i": i}) for i in range(5)]
+        for e in events:
+            provider.publish(e)
+        later = peer.group_stream("public.**", "durable", lease=self.lease * 5)
+        try:
+            got = _drain(later, 5, self.delivery_timeout)
+            for d in got:
+                d.ack()
+            assert sorted(d.event.id for d in got) == sorted(e.id for e in events)
+        finally:
+            later.close()
+
+    def test_group__unacked_delivery_of_a_closed_member_goes_to_another(
+        self, provider: Provider, peer: Provider
+    ) -> None:
+        """A member that closes without acking: its delivery reaches another member."""
+        self.lacks("supports_groups", "no competing consumers")
+        a = provider.group_stream("public.**", "handover", lease=self.lease)
+        b = peer.group_stream("public.**", "handover", lease=self.lease)
+        try:
+            e = _event()
+            provider.publish(e)
+            got = _drain(a, 1, self.delivery_timeout)
+            assert [d.event.id for d in got] == [e.id]
+            a.close()
+            again = _drain(b, 1, self.lease * 4 + self.delivery_timeout)
+            assert [d.event.id for d in again] == [e.id]
+            again[0].ack()
+        finally:
+            a.close()
+            b.close()
+
+    def test_group__close_wakes_a_blocked_receive(self, provider: Provider) -> None:
+        """``close()`` from another thread ends a blocked group ``receive``."""
+        self.lacks("supports_groups", "no competing consumers")
+        gs = provider.group_stream("*", "wake", lease=self.lease)
+        outcome: list[str] = []
+
+        def reader() -> None:
+            try:
+                while True:
+                    if gs.receive(timeout=None) is not None:
+                        outcome.append("delivery")
+                        return
+            except StopIteration:
+                outcome.append("stopped")
+
+        t = threading.Thread(target=reader)
+        t.start()
+        time.sleep(0.2)
+        gs.close()
+        t.join(5)
+        assert not t.is_alive() and outcome == ["stopped"]
+        gs.close()
+
+    # -- stats and lifecycle ---------------------------------------------------------------
+
+    def test_stats__counts_by_status(self, provider: Provider, stored: list[Event]) -> None:
+        """``stats`` counts the stored events by status and names the provider type."""
+        stats = provider.stats()
+        assert isinstance(stats, ProviderStats)
+        assert stats.provider_type
+        assert (stats.total_events, stats.pending_events, stats.processing_events,
+                stats.completed_events, stats.failed_events) == (8, 5, 1, 1, 1)
+        assert isinstance(stats.provider_specific, dict)
+
+    def test_stats__counts_publishing_and_consuming(self, provider: Provider) -> None:
+        """``events_published``, ``events_consumed`` and ``active_subscribers`` move."""
+        before = provider.stats()
+        stream = provider.stream("*")
+        try:
+            assert provider.stats().active_subscribers == before.active_subscribers + 1
+            provider.publish(_event())
+            assert len(_drain(stream, 1, self.delivery_timeout)) == 1
+            after = provider.stats()
+            assert after.events_published == before.events_published + 1
+            assert after.events_consumed >= before.events_consumed + 1
+        finally:
+            stream.close()
+        assert provider.stats().active_subscribers == before.active_subscribers
+
+    def test_close__is_idempotent(self, provider_factory: ProviderFactory) -> None:
+        """``close()`` twice is fine."""
+        p = provider_factory()
+        p.close()
+        p.close()
+
+    def test_restart__stored_events_survive(self, provider_factory: ProviderFactory) -> None:
+        """A new provider object on the same backend still has what was stored."""
+        self.lacks("durable_across_restart", "state lives in the provider object")
+        p = provider_factory()
+        e = _event(payload={"keep": True})
+        p.store(e)
+        p.update_status(e.id, EventStatus.COMPLETED)
+        p.close()
+        q = provider_factory()
+        got = q.get(e.id)
+        assert got is not None and got.payload == {"keep": True}
+        assert got.status is EventStatus.COMPLETED
+
+    def test_restart__group_resumes_where_it_was(self, provider_factory: ProviderFactory) -> None:
+        """After every provider closed, a new one's group member gets the unconsumed events."""
+        self.lacks("durable_across_restart", "state lives in the provider object")
+        self.lacks("supports_groups", "no competing consumers")
+        p = provider_factory()
+        gs = p.group_stream("public.**", "restart", lease=self.lease * 5)
+        done = _event("public.a.create")
+        p.publish(done)
+        got = _drain(gs, 1, self.delivery_timeout)
+        assert [d.event.id for d in got] == [done.id]
+        got[0].ack()
+        gs.close()
+        p.close()
+        q = provider_factory()
+        waiting = _event("public.b.create")
+        q.publish(waiting)
+        q.close()
+        r = provider_factory()
+        gs = r.group_stream("public.**", "restart", lease=self.lease * 5)
+        try:
+            got = _drain(gs, 1, self.delivery_timeout) + _quiet(gs, self.quiet_period)
+            assert [d.event.id for d in got] == [waiting.id]
+            got[0].ack()
+        finally:
+            gs.close()
+
+    # -- several brokers on one backend (API.md 3, "Across instances") ----------------------
+
+    @pytest.fixture
+    def brokers(self, provider_factory: ProviderFactory) -> Iterator[Callable[[str], Broker]]:
+        """Make started brokers, each on its own provider instance of the shared backend."""
+        made: list[Broker] = []
+
+        def make(instance_id: str) -> Broker:
+            b = Broker(provider=provider_factory(), instance_id=instance_id, worker_count=2)
+            b.start()
+            made.append(b)
+            return b
+
+        yield make
+        for b in made:
+            b.stop(timeout=5)
+
+    def test_bus__fanout_reaches_every_broker_exactly_once(
+        self, brokers: Callable[[str], Broker]
+    ) -> None:
+        """Every subscribing broker handles every event once, the publisher's own included."""
+        a, b, c = brokers("a"), brokers("b"), brokers("c")
+        rec = {name: EventRecorder() for name in "abc"}
+        for name, broker in zip("abc", (a, b, c), strict=True):
+            broker.subscribe("public.**", rec[name])
+        events = [_event("public.users.create", {"i": i}) for i in range(20)]
+        for e in events[:10]:
+            a.publish(e)
+        for e in events[10:]:
+            b.publish(e)
+        ids = Counter(e.id for e in events)
+        for name in "abc":
+            rec[name].wait_for(20, timeout=self.delivery_timeout * 2)
+        time.sleep(self.quiet_period)
+        for name in "abc":
+            assert Counter(e.id for e in rec[name].events) == ids, name
+
+    def test_bus__no_echo_of_own_events(self, brokers: Callable[[str], Broker]) -> None:
+        """A broker handles its own event once (locally), never again from the backend."""
+        a, b = brokers("a"), brokers("b")
+        rec_a, rec_b = EventRecorder(), EventRecorder()
+        a.subscribe("*", rec_a)
+        b.subscribe("*", rec_b)
+        e = _event("public.users.delete")
+        a.publish(e)
+        rec_b.wait_for(1, timeout=self.delivery_timeout)
+        rec_a.wait_for(1, timeout=self.delivery_timeout)
+        time.sleep(self.quiet_period * 2)
+        assert [x.id for x in rec_a.events] == [e.id]
+        assert [x.id for x in rec_b.events] == [e.id]
+        assert rec_b.events[0].instance_id == "a"
+
+    def test_bus__group_handled_once_per_group(self, brokers: Callable[[str], Broker]) -> None:
+        """Subscriptions sharing a group across brokers handle each event once in total."""
+        self.lacks("supports_groups", "no competing consumers")
+        a, b, c = brokers("a"), brokers("b"), brokers("c")
+        emails_a, emails_b, audit_c = EventRecorder(), EventRecorder(), EventRecorder()
+        a.subscribe("public.**", emails_a, group="emails", lease=self.lease * 5)
+        b.subscribe("public.**", emails_b, group="emails", lease=self.lease * 5)
+        c.subscribe("public.**", audit_c, group="audit", lease=self.lease * 5)
+        events = [_event("public.orders.create", {"i": i}) for i in range(20)]
+        for e in events[:10]:
+            a.publish(e)
+        for e in events[10:]:
+            c.publish(e)
+        ids = Counter(e.id for e in events)
+        _wait(lambda: len(emails_a) + len(emails_b) >= 20, self.delivery_timeout * 2,
+              "the emails group")
+        audit_c.wait_for(20, timeout=self.delivery_timeout * 2)
+        time.sleep(self.quiet_period)
+        assert Counter(e.id for e in emails_a.events + emails_b.events) == ids
+        assert Counter(e.id for e in audit_c.events) == ids
+
+    def test_bus__handled_status_is_written_back(self, brokers: Callable[[str], Broker],
+                                                 provider: Provider) -> None:
+        """After a remote broker handled an event, the stored event is ``completed``."""
+        a, b = brokers("a"), brokers("b")
+        rec = EventRecorder()
+        b.subscribe("public.**", rec)
+        e = _event("public.users.create")
+        a.publish(e)
+        rec.wait_for(1, timeout=self.delivery_timeout)
+        _wait(lambda: (provider.get(e.id) or e).status is EventStatus.COMPLETED,
+              self.delivery_timeout, "status completed")

@@ -1,0 +1,83 @@
+"""The conformance suite on ``NatsProvider`` (real nats-server with JetStream at ``nats_url``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from sqlalchemy_eventbroker.errors import ProviderError
+from sqlalchemy_eventbroker.providers.nats import NatsProvider, subject_filter
+
+from .conformance import ProviderConformance, ProviderFactory
+
+
+class TestNatsProvider(ProviderConformance):
+    #: The stream, the KV bucket and the durable consumers live in the server.
+    durable_across_restart = True
+
+    @pytest.fixture
+    def provider_factory(self, nats_url: str, unique_name: str) -> Iterator[ProviderFactory]:
+        made: list[NatsProvider] = []
+        name = f"T{unique_name}"
+
+        def make() -> NatsProvider:
+            p = NatsProvider(nats_url, stream_name=name, storage="memory", block=0.5)
+            made.append(p)
+            return p
+
+        yield make
+        cleaner = NatsProvider(nats_url, stream_name=name, storage="memory")
+        cleaner.drop()
+        cleaner.close()
+        for p in made:
+            p.close()
+
+
+@pytest.mark.parametrize(
+    ("pattern", "subject"),
+    [
+        ("*", "P.>"),
+        ("public.users.*", "P.public.users.*"),
+        ("*.*.create", "P.*.*.create"),
+        ("public.**", "P.public.>"),
+        ("public.users.create", "P.public.users.create"),
+    ],
+)
+def test_subject_filter__maps_patterns(pattern: str, subject: str) -> None:
+    """Patterns become JetStream subject filters, so the server does the filtering."""
+    assert subject_filter("P", pattern) == subject
+
+
+def test_unreachable_nats__provider_error_names_the_address() -> None:
+    """Construction against a closed port raises ``ProviderError`` with the URL, quickly."""
+    with pytest.raises(ProviderError, match=r"nats at nats://127\.0\.0\.1:1"):
+        NatsProvider("nats://127.0.0.1:1", connect_timeout=1)
+
+
+def test_invalid_subject_type__provider_error(nats_url: str, unique_name: str) -> None:
+    """An event type that is not a valid subject is refused with a clear error."""
+    from sqlalchemy_eventbroker import new_event
+
+    with NatsProvider(nats_url, stream_name=f"T{unique_name}", storage="memory") as p:
+        try:
+            with pytest.raises(ProviderError, match="not a valid NATS subject"):
+                p.publish(new_event("system", "user signed up"))
+        finally:
+            p.drop()
+
+
+def test_two_stream_names__never_overlap(nats_url: str, unique_name: str) -> None:
+    """Providers with different stream names on one server do not see each other's events."""
+    from sqlalchemy_eventbroker import new_event
+
+    with NatsProvider(nats_url, stream_name=f"A{unique_name}", storage="memory") as a, \
+            NatsProvider(nats_url, stream_name=f"B{unique_name}", storage="memory") as b:
+        try:
+            sa, sb = a.stream("*"), b.stream("*")
+            a.publish(new_event("system", "x.y.z"))
+            assert sa.receive(timeout=5) is not None
+            assert sb.receive(timeout=0.5) is None
+        finally:
+            a.drop()
+            b.drop()

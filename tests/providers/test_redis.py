@@ -1,0 +1,74 @@
+"""The conformance suite on ``RedisProvider`` (real Redis at ``redis_url``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from sqlalchemy_eventbroker.errors import ProviderError
+from sqlalchemy_eventbroker.providers.redis import RedisProvider
+
+from .conformance import ProviderConformance, ProviderFactory
+
+
+class TestRedisProvider(ProviderConformance):
+    #: Stored events and groups live in Redis, not in the provider object.
+    durable_across_restart = True
+
+    @pytest.fixture
+    def provider_factory(self, redis_url: str, unique_name: str) -> Iterator[ProviderFactory]:
+        made: list[RedisProvider] = []
+
+        def make() -> RedisProvider:
+            p = RedisProvider(redis_url, stream_name=f"test:{unique_name}", block=0.5)
+            made.append(p)
+            return p
+
+        yield make
+        cleaner = RedisProvider(redis_url, stream_name=f"test:{unique_name}")
+        cleaner.drop()
+        cleaner.close()
+        for p in made:
+            p.close()
+
+
+def test_unreachable_redis__provider_error_names_the_address() -> None:
+    """Construction against a closed port raises ``ProviderError`` with the URL."""
+    with pytest.raises(ProviderError, match=r"redis at redis://127\.0\.0\.1:1/0"):
+        RedisProvider("redis://127.0.0.1:1/0", connect_timeout=1)
+
+
+def test_password_is_not_shown() -> None:
+    """The password of the URL never appears in an error message."""
+    with pytest.raises(ProviderError) as info:
+        RedisProvider("redis://user:s3cret@127.0.0.1:1/0", connect_timeout=1)
+    assert "s3cret" not in str(info.value) and "127.0.0.1:1" in str(info.value)
+
+
+def test_max_events__evicts_the_oldest(redis_url: str, unique_name: str) -> None:
+    """Past ``max_events`` the oldest stored events go, counters stay exact."""
+    from sqlalchemy_eventbroker import EventFilter, new_event
+
+    with RedisProvider(redis_url, stream_name=f"test:{unique_name}", max_events=10) as p:
+        try:
+            events = [new_event("database", "public.t.create") for _ in range(15)]
+            p.store_many(events)
+            assert [e.id for e in p.list(EventFilter())] == [e.id for e in events[5:]]
+            assert p.get(events[0].id) is None
+            assert p.stats().total_events == p.stats().pending_events == 10
+        finally:
+            p.drop()
+
+
+def test_maxlen__trims_the_stream_approximately(redis_url: str, unique_name: str) -> None:
+    """``maxlen`` keeps the stream near its cap (Redis trims whole nodes: approximately)."""
+    from sqlalchemy_eventbroker import new_event
+
+    with RedisProvider(redis_url, stream_name=f"test:{unique_name}", maxlen=100) as p:
+        try:
+            p.publish_many([new_event("database", "public.t.create") for _ in range(1000)])
+            length = p.stats().provider_specific["stream_length"]
+            assert 100 <= length < 300  # type: ignore[operator]
+        finally:
+            p.drop()
