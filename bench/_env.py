@@ -118,3 +118,15 @@ def rss_bytes() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+EVENT_TYPE = "bench.events.created"
+
+
+def raw_items(phase: int, n: int) -> list[dict[str, Any]]:
+    """What the raw baselines send: an event-shaped dict (id, type, time, ~1 KB payload)."""
+    import datetime as dt
+
+    now = dt.datetime.now(dt.timezone.utc).isoformat()
+    return [{"id": str(uuid.uuid4()), "type": EVENT_TYPE, "created_at": now,
+             "payload": payload(phase, i)} for i in range(n)]
