@@ -1,0 +1,1415 @@
+"""DatabaseProvider: events in a table of any SQLAlchemy database; LISTEN/NOTIFY on PostgreSQL.
+
+Backend
+    One events table (``events`` by default; schema in ``_db_schema.py``) holding every
+    ``Event`` field plus ``seq``, a monotonically increasing ``bigint`` identity. Create it
+    with the Alembic migrations (``python -m sqlalchemy_eventbroker.migrate upgrade --url URL``
+    or :func:`upgrade`) or with :meth:`DatabaseProvider.create_schema`. URL: any SQLAlchemy
+    URL, e.g. ``postgresql+psycopg://user:pw@127.0.0.1:5432/app`` or ``sqlite:///events.db``.
+
+Delivery guarantee and ordering (fan-out, :meth:`~DatabaseProvider.stream`)
+    Every committed row is delivered once to every stream open when it became visible, never
+    skipped and never repeated, also across a lost listener connection or a database restart.
+    Rows are read by position, not pushed: a NOTIFY only says "look again".
+
+    *Commit order without gaps.* ``seq`` is handed out at insert time but transactions commit
+    in any order, so "give me ``seq > last``" would skip the row of a slow transaction that
+    commits after a faster one with a higher ``seq``. On PostgreSQL each row therefore also
+    records the inserting transaction's id (``tx_id``, from ``pg_current_xact_id()``; the one
+    column beyond the ``Event`` fields and ``seq``, and the reason it exists). Readers move a
+    cursor ``(tx_id, seq)`` and only pass rows whose ``tx_id`` is below the current snapshot's
+    ``xmin``: every transaction below ``xmin`` has ended, so no row can ever appear behind the
+    cursor. Writers are never serialised. A row of a later transaction waits (is "held back")
+    until every transaction that started writing before it has ended; delivery order is thus
+    transaction order, which for any one writer is its commit order. The cost: a long-running
+    writing transaction anywhere in the cluster delays (never loses) delivery until it ends;
+    keep transactions short, and set ``idle_in_transaction_session_timeout``.
+    On SQLite writers are serialised by the database, so ``seq`` order is commit order and the
+    cursor is ``seq`` alone (``AUTOINCREMENT`` never reuses a value).
+
+Wake-ups
+    PostgreSQL: one ``pg_notify(channel, <table name>)`` per writing statement, folded into the
+    insert statement itself; PostgreSQL delivers one per transaction (identical payloads in a
+    transaction are merged), never the payload (NOTIFY is limited to 8000 bytes). Each provider
+    holds one dedicated autocommit psycopg 3 connection that LISTENs; at connect it notifies
+    itself and, if that self-test does not come back (a pooler in transaction mode), logs a
+    warning and falls back to polling. Other databases poll every ``poll_interval`` seconds
+    (writes through the same provider wake its readers at once).
+
+Groups (:meth:`~DatabaseProvider.group_stream`)
+    Durable per ``(group, pattern)`` in ``<table>_groups`` (a cursor, starting at the tail
+    when the group is first opened) and ``<table>_claims`` (events the group still owes).
+    A member that finds no free claim advances the group's cursor with the same gap-free read
+    and inserts one claim per matching event; members take claims with
+    ``FOR UPDATE SKIP LOCKED`` (PostgreSQL) or a compare-and-set update (elsewhere), leasing
+    each for ``lease`` seconds. ``ack`` deletes the claim, ``renew`` extends the lease, and an
+    expired lease makes the claim free again: at-least-once, each event to one member at a time.
+
+Transactional outbox
+    :meth:`~DatabaseProvider.write_in_transaction` inserts a flush's events with ONE statement
+    on the caller's connection (on PostgreSQL one JSON document parameter expanded by
+    ``jsonb_to_recordset``), so they commit or vanish with the caller's data.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import re
+import select
+import socket
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+
+from .. import _json
+from ..errors import EventValidationError, ProviderError
+from ..event import Event, EventStatus
+from ..pattern import compile_pattern, validate_pattern
+from ._db_schema import (
+    EVENT_COLUMNS,
+    EventTables,
+    build_tables,
+    downgrade,
+    stamp_head,
+    upgrade,
+    version_table_name,
+)
+from .base import EventFilter, ProviderBase, ProviderStats, QueueEventStream
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection, Engine
+
+__all__ = ["DatabaseProvider", "downgrade", "upgrade"]
+
+logger = logging.getLogger(__name__)
+
+UTC = dt.timezone.utc
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=UTC)
+
+#: psycopg/SQLite type names for ``jsonb_to_recordset``'s column definition list.
+_PG_RECORD_TYPES = {
+    "id": "uuid", "source": "text", "type": "text", "status": "text", "retry_count": "integer",
+    "error": "text", "payload": "jsonb", "user_id": "bigint", "session_id": "text",
+    "instance_id": "text", "schema": "text", "entity": "text", "operation": "text",
+    "created_at": "timestamptz", "processed_at": "timestamptz", "completed_at": "timestamptz",
+    "metadata": "jsonb",
+}  # fmt: skip
+
+_ASYNC_DRIVERS = {"asyncpg": "psycopg", "psycopg_async": "psycopg", "aiosqlite": "pysqlite"}
+
+#: A reader's position: (tx_id, seq) on PostgreSQL, (0, seq) elsewhere.
+Cursor = tuple[int, int]
+
+
+def _utc(value: dt.datetime | None) -> dt.datetime | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return None if value is None else _utc(value).isoformat()  # type: ignore[union-attr]
+
+
+def _pg_doc_row(e: Event) -> dict[str, Any]:
+    return {
+        "id": e.id, "source": str(e.source), "type": e.type, "status": str(e.status),
+        "retry_count": e.retry_count, "error": e.error, "payload": e.payload,
+        "user_id": e.user_id, "session_id": e.session_id, "instance_id": e.instance_id,
+        "schema": e.schema, "entity": e.entity, "operation": e.operation,
+        "created_at": _iso(e.created_at), "processed_at": _iso(e.processed_at),
+        "completed_at": _iso(e.completed_at), "metadata": e.metadata,
+    }  # fmt: skip
+
+
+def _core_row(e: Event) -> dict[str, Any]:
+    # to_jsonable copies the payload and metadata (later changes to the event are not seen)
+    # and converts what plain json.dumps could not hold.
+    return {
+        "id": e.id, "source": str(e.source), "type": e.type, "status": str(e.status),
+        "retry_count": e.retry_count, "error": e.error,
+        "payload": _json.to_jsonable(e.payload), "user_id": e.user_id,
+        "session_id": e.session_id, "instance_id": e.instance_id, "schema": e.schema,
+        "entity": e.entity, "operation": e.operation, "created_at": _utc(e.created_at),
+        "processed_at": _utc(e.processed_at), "completed_at": _utc(e.completed_at),
+        "metadata": _json.to_jsonable(e.metadata, "metadata"),
+    }  # fmt: skip
+
+
+def _row_event(row: Sequence[Any]) -> Event:
+    """An ``Event`` from the first 17 columns of a row selected in ``EVENT_COLUMNS`` order."""
+    return Event(
+        str(row[0]), row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9],
+        row[10], row[11], row[12], _utc(row[13]), _utc(row[14]), _utc(row[15]),  # type: ignore[arg-type]
+        row[16] if row[16] is not None else {},
+    )
+
+
+def _like_escape(text: str) -> str:
+    return text.replace("/", "//").replace("%", "/%").replace("_", "/_")
+
+
+def _glob_escape(text: str) -> str:
+    return "".join(f"[{ch}]" if ch in "*?[" else ch for ch in text)
+
+
+class _Backoff:
+    """Capped exponential delays: ``first``, ×2 each call, at most ``cap``."""
+
+    def __init__(self, first: float, cap: float) -> None:
+        self.first, self.cap, self._next = first, cap, first
+
+    def next(self) -> float:
+        delay, self._next = self._next, min(self._next * 2, self.cap)
+        return delay
+
+    def reset(self) -> None:
+        self._next = self.first
+
+
+@dataclass(slots=True)
+class _Page:
+    """One read of the events table past a cursor."""
+
+    events: list[Event]
+    cursor: Cursor
+    #: Visible rows exist past the cursor whose transactions may still have earlier siblings.
+    held_back: bool
+    full: bool
+
+
+class DatabaseProvider(ProviderBase):
+    """Events in a database table; PostgreSQL LISTEN/NOTIFY wakes listeners, others poll.
+
+    See the module docstring for guarantees, ordering and groups. Thread-safe.
+
+    Args:
+        engine_or_url: an ``Engine`` (not disposed by :meth:`close`) or a URL (the provider
+            creates and owns its engine). Async URLs/engines are mapped to their sync driver.
+        table_name: the events table; group state lives in ``<table>_groups``/``_claims``.
+        channel: the PostgreSQL NOTIFY channel.
+        poll_interval: seconds between reads when notifications are unavailable (non-PG, or
+            the self-test failed).
+        idle_interval: PostgreSQL: longest wait between reads while no notification arrives
+            (a safety net for writers that do not notify); also pings the listen connection.
+        page_size: rows per read.
+        selftest_timeout: how long the listener waits for its own test notification.
+        connect_timeout: seconds, for engines the provider creates.
+
+    Raises:
+        ProviderError: the database is unreachable or rejects the credentials (the message says
+            which and names the address, never the password).
+    """
+
+    def __init__(
+        self,
+        engine_or_url: str | sa.URL | Engine | Any,
+        table_name: str = "events",
+        channel: str = "eventbroker_events",
+        *,
+        poll_interval: float = 0.5,
+        idle_interval: float = 5.0,
+        page_size: int = 500,
+        selftest_timeout: float = 2.0,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,40}", table_name):
+            raise ValueError(f"DatabaseProvider: table_name {table_name!r} is not a plain name")
+        if not channel or len(channel) > 63:
+            raise ValueError(f"DatabaseProvider: channel {channel!r} must be 1-63 characters")
+        if poll_interval <= 0 or idle_interval <= 0 or page_size < 1:
+            raise ValueError("DatabaseProvider: intervals must be > 0 and page_size >= 1")
+        self.table_name = table_name
+        self.channel = channel
+        self.poll_interval = float(poll_interval)
+        self.idle_interval = float(idle_interval)
+        self.page_size = int(page_size)
+        self.selftest_timeout = float(selftest_timeout)
+        self.engine, self._owns_engine = self._make_engine(engine_or_url, connect_timeout)
+        self.url = self.engine.url
+        self.dialect = self.engine.dialect.name
+        self.is_postgres = self.dialect == "postgresql"
+        self.tables: EventTables = build_tables(table_name, self.dialect)
+        self._t = self.tables.events
+        self._cols = [self._t.c[name] for name in EVENT_COLUMNS]
+        # An in-memory SQLite database is one shared connection: serialise its use.
+        self._serial: AbstractContextManager[Any] = (
+            threading.RLock() if self._is_memory_sqlite() else nullcontext()
+        )
+        self._lock = threading.RLock()
+        self._closed = False
+        self._streams: list[QueueEventStream] = []
+        self._group_streams: weakref.WeakSet[_DbGroupStream] = weakref.WeakSet()
+        self._listener: _Listener | None = None
+        self._wake = threading.Condition()
+        self._wake_gen = 0
+        self._published = 0
+        self._consumed = 0
+        self._stored_unpublished: dict[str, None] = {}
+        self._share_cache: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+        self._pg_insert_sql = self._build_pg_insert() if self.is_postgres else None
+        self._ping()
+
+    # -- construction ------------------------------------------------------------------
+
+    @staticmethod
+    def _make_engine(target: Any, connect_timeout: float) -> tuple[Engine, bool]:
+        if isinstance(target, sa.Engine):
+            return target, False
+        sync_engine = getattr(target, "sync_engine", None)  # an AsyncEngine
+        if isinstance(sync_engine, sa.Engine):
+            target = sync_engine.url
+        url = sa.make_url(target)
+        backend, _, driver = url.drivername.partition("+")
+        if driver in _ASYNC_DRIVERS:
+            url = url.set(drivername=f"{backend}+{_ASYNC_DRIVERS[driver]}")
+        kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        if backend == "postgresql":
+            if not driver or driver in _ASYNC_DRIVERS:
+                url = url.set(drivername="postgresql+psycopg")
+            if "connect_timeout" not in url.query:
+                kwargs["connect_args"] = {"connect_timeout": max(1, int(connect_timeout))}
+        elif backend == "sqlite" and url.database in (None, "", ":memory:"):
+            kwargs = {"poolclass": sa.pool.StaticPool,
+                      "connect_args": {"check_same_thread": False}}
+        return sa.create_engine(url, **kwargs), True
+
+    def _is_memory_sqlite(self) -> bool:
+        return self.dialect == "sqlite" and self.url.database in (None, "", ":memory:")
+
+    def _ping(self) -> None:
+        with self._errors(), self._serial, self.engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+
+    def _repr_target(self) -> str:
+        return f"{self.address!r}, table_name={self.table_name!r}"
+
+    @property
+    def address(self) -> str:
+        """The database URL without its password."""
+        return self.url.render_as_string(hide_password=True)
+
+    # -- schema ------------------------------------------------------------------------
+
+    def create_schema(self) -> None:
+        """Create the events and group tables if missing (quick starts and tests).
+
+        Also stamps the migrations' version table at head, so that running the migrations
+        later finds the schema current. Production databases should use the migrations.
+        """
+        with self._errors(), self._serial, self.engine.begin() as conn:
+            self.tables.metadata.create_all(conn)
+            stamp_head(conn, self.table_name)
+
+    def drop_schema(self) -> None:
+        """Drop the events and group tables and our migration version table (tests, teardown)."""
+        with self._errors(), self._serial, self.engine.begin() as conn:
+            self.tables.metadata.drop_all(conn)
+            conn.execute(sa.text(f"DROP TABLE IF EXISTS {version_table_name(self.table_name)}"))
+
+    # -- errors ------------------------------------------------------------------------
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Turn driver errors into :class:`ProviderError` saying what is wrong and what to do."""
+        try:
+            yield
+        except ProviderError:
+            raise
+        except sa_exc.DBAPIError as exc:
+            raise self._describe(exc) from exc
+        except sa_exc.SQLAlchemyError as exc:
+            raise ProviderError(f"database at {self.address}: {exc}") from exc
+
+    def _describe(self, exc: sa_exc.DBAPIError) -> ProviderError:
+        orig = exc.orig
+        text = str(orig).strip()
+        low = text.lower()
+        code = getattr(orig, "sqlstate", None) or getattr(getattr(orig, "diag", None), "sqlstate", None)
+        addr = f"database at {self.address}"
+        if code == "42P01" or "no such table" in low or (
+            "relation" in low and "does not exist" in low
+        ):
+            return ProviderError(
+                f"{addr}: the events table {self.table_name!r} (or its _groups/_claims tables) "
+                f"is missing: run the migrations: python -m sqlalchemy_eventbroker.migrate upgrade "
+                f"--url '{self.address}' --table-name {self.table_name} "
+                f"(or call DatabaseProvider.create_schema()). Driver said: {text}"
+            )
+        if code in ("28P01", "28000") or "password authentication failed" in low or (
+            "role" in low and "does not exist" in low
+        ) or "no password supplied" in low:
+            return ProviderError(
+                f"{addr}: wrong credentials: the server rejected the user or password; "
+                f"check them in the URL. Driver said: {text}"
+            )
+        if code == "3D000" or ("database" in low and "does not exist" in low):
+            return ProviderError(
+                f"{addr}: the database does not exist: create it first "
+                f"(CREATE DATABASE ...). Driver said: {text}"
+            )
+        if exc.connection_invalidated or any(
+            s in low
+            for s in ("connection refused", "could not connect", "connection failed", "timeout",
+                      "timed out", "name or service not known", "unable to open database",
+                      "server closed the connection", "terminating connection", "no route")
+        ):
+            return ProviderError(
+                f"{addr}: unreachable: is the server running and are host and port right? "
+                f"Driver said: {text}"
+            )
+        return ProviderError(f"{addr}: {text}")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ProviderError(f"DatabaseProvider({self.address}) is closed")
+
+    def _check_ids(self, events: Sequence[Event]) -> None:
+        if not self.is_postgres:
+            return
+        for e in events:
+            try:
+                uuid.UUID(e.id)
+            except (ValueError, TypeError, AttributeError):
+                raise EventValidationError(
+                    f"event.id: {e.id!r} is not a UUID (the events table stores ids as uuid)",
+                    field="id",
+                ) from None
+
+    def _lookup_id(self, event_id: str) -> str | None:
+        """``event_id`` if it can exist in the table (PostgreSQL only holds UUIDs)."""
+        if not isinstance(event_id, str) or not event_id:
+            return None
+        if self.is_postgres:
+            try:
+                uuid.UUID(event_id)
+            except ValueError:
+                return None
+        return event_id
+
+    # -- writing -----------------------------------------------------------------------
+
+    def _build_pg_insert(self) -> sa.TextClause:
+        prep = self.engine.dialect.identifier_preparer
+        names = ", ".join(prep.quote(c) for c in EVENT_COLUMNS)
+        defs = ", ".join(f"{prep.quote(c)} {_PG_RECORD_TYPES[c]}" for c in EVENT_COLUMNS)
+        table = prep.format_table(self._t)
+        return sa.text(
+            f"WITH ins AS (INSERT INTO {table} ({names}) SELECT {names} "
+            f"FROM jsonb_to_recordset(CAST(:doc AS jsonb)) AS r({defs})) "
+            f"SELECT pg_notify(:channel, :hint)"
+        )
+
+    def _insert(self, conn: Connection, events: Sequence[Event]) -> None:
+        """ONE statement for all ``events`` on ``conn`` (plus the NOTIFY on PostgreSQL)."""
+        if self._pg_insert_sql is not None:
+            doc = _json.dumps([_pg_doc_row(e) for e in events])
+            conn.execute(
+                self._pg_insert_sql, {"doc": doc, "channel": self.channel, "hint": self.table_name}
+            )
+        else:
+            conn.execute(self._t.insert(), [_core_row(e) for e in events])
+
+    def _store(self, events: Sequence[Event]) -> None:
+        if not events:
+            return
+        self._check_open()
+        self._check_ids(events)
+        try:
+            with self._errors(), self._serial, self.engine.begin() as conn:
+                self._insert(conn, events)
+        except ProviderError as exc:
+            if not isinstance(exc.__cause__, sa_exc.IntegrityError):
+                raise
+            # An id that is already stored: replace the row, under a new seq (it travels again).
+            with self._errors(), self._serial, self.engine.begin() as conn:
+                conn.execute(self._t.delete().where(self._t.c.id.in_([e.id for e in events])))
+                self._insert(conn, events)
+        with self._lock:
+            for e in events:
+                self._stored_unpublished[e.id] = None
+            while len(self._stored_unpublished) > 100_000:
+                del self._stored_unpublished[next(iter(self._stored_unpublished))]
+        self._wake_local()
+
+    def store(self, event: Event) -> None:
+        """Insert ``event`` (a copy: later changes to the object are not seen).
+
+        On PostgreSQL the wake-up NOTIFY travels in the same statement. Storing an id that is
+        already stored replaces that row under a new ``seq``.
+
+        Raises:
+            EventValidationError: on PostgreSQL, the id is not a UUID.
+            ProviderError: the database failed (a missing table says how to create it).
+        """
+        self._store([event])
+
+    def store_many(self, events: Sequence[Event]) -> None:
+        """Insert ``events`` with one statement in one transaction."""
+        self._store(list(events))
+
+    def publish(self, event: Event) -> None:
+        """Make a stored event travel to every stream on this database.
+
+        Rows travel by being committed; ``store`` already sent the wake-up hint, so publishing
+        an event this provider just stored costs nothing. Publishing any other stored event
+        (a redrive) moves its row to a new ``seq`` so that streams deliver it again.
+        """
+        self.publish_many([event])
+
+    def publish_many(self, events: Sequence[Event]) -> None:
+        """:meth:`publish` for several events: at most one statement and one NOTIFY."""
+        self._check_open()
+        again: list[str] = []
+        with self._lock:
+            for e in events:
+                try:
+                    del self._stored_unpublished[e.id]
+                except KeyError:
+                    again.append(e.id)
+            self._published += len(events)
+        ids = [i for i in (self._lookup_id(x) for x in again) if i is not None]
+        if ids:
+            self._resequence(ids)
+
+    def _resequence(self, ids: list[str]) -> None:
+        t = self._t
+        with self._errors(), self._serial, self.engine.begin() as conn:
+            if self.is_postgres:
+                seq_name = conn.execute(
+                    sa.select(sa.func.pg_get_serial_sequence(self._quoted_table(), "seq"))
+                ).scalar_one()
+                conn.execute(
+                    t.update()
+                    .where(t.c.id.in_(ids))
+                    .values(
+                        seq=sa.func.nextval(seq_name),
+                        tx_id=sa.cast(sa.cast(sa.func.pg_current_xact_id(), sa.Text), sa.BigInteger),
+                    )
+                )
+                conn.execute(sa.select(sa.func.pg_notify(self.channel, self.table_name)))
+            else:
+                for event_id in ids:
+                    top = conn.execute(sa.select(sa.func.coalesce(sa.func.max(t.c.seq), 0))).scalar_one()
+                    if self.dialect == "sqlite":
+                        # AUTOINCREMENT's high-water mark may be above max(seq); move past it
+                        # and record the new value, so no later insert can reuse a passed seq.
+                        mark = conn.execute(
+                            sa.text("SELECT seq FROM sqlite_sequence WHERE name = :t"),
+                            {"t": self.table_name},
+                        ).scalar()
+                        top = max(int(top), int(mark or 0))
+                        conn.execute(
+                            sa.text("UPDATE sqlite_sequence SET seq = :s WHERE name = :t"),
+                            {"s": top + 1, "t": self.table_name},
+                        )
+                    conn.execute(t.update().where(t.c.id == event_id).values(seq=int(top) + 1))
+        self._wake_local()
+
+    def _quoted_table(self) -> str:
+        return self.engine.dialect.identifier_preparer.format_table(self._t)
+
+    # -- outbox (TransactionalProvider) --------------------------------------------------
+
+    def shares_transaction(self, connection: Connection) -> bool:
+        """Whether ``connection`` is on this provider's database (same engine, or same
+        backend, host, port and database in its URL)."""
+        engine = connection.engine
+        if engine is self.engine:
+            return True
+        cached = self._share_cache.get(engine)
+        if cached is not None:
+            return cached
+        a, b = engine.url, self.url
+        same = (
+            a.get_backend_name() == b.get_backend_name()
+            and (a.host or "localhost") == (b.host or "localhost")
+            and (a.port or 0) == (b.port or 0)
+            and a.database == b.database
+            and not (self.dialect == "sqlite" and a.database in (None, "", ":memory:"))
+        )
+        if same and self.dialect == "sqlite" and a.database:
+            same = os.path.realpath(a.database) == os.path.realpath(b.database or "")
+        self._share_cache[engine] = same
+        return same
+
+    def write_in_transaction(self, connection: Connection, events: Sequence[Event]) -> None:
+        """Insert ``events`` on ``connection``, inside its transaction: ONE statement.
+
+        On PostgreSQL the statement also issues the wake-up ``pg_notify``; PostgreSQL merges
+        identical notifications of one transaction, so listeners wake once per commit. The rows
+        become visible to streams when (and only if) the caller commits.
+        """
+        if not events:
+            return
+        self._check_open()
+        self._check_ids(events)
+        with self._errors():
+            self._insert(connection, events)
+        with self._lock:
+            self._published += len(events)
+            for e in events:  # travels on commit: a later publish() must not resend it
+                self._stored_unpublished[e.id] = None
+        if not self.is_postgres:
+            self._wake_after_commit(connection)
+
+    def _wake_after_commit(self, connection: Connection) -> None:
+        tx = connection.get_transaction()
+        marker = connection.info.get("_eventbroker_wake")
+        if tx is None or marker is tx:
+            return
+        connection.info["_eventbroker_wake"] = tx
+        sa.event.listen(connection, "commit", lambda conn: self._wake_local(), once=True)
+
+    # -- reading -----------------------------------------------------------------------
+
+    def get(self, event_id: str) -> Event | None:
+        """The stored event with this id, or ``None``."""
+        self._check_open()
+        key = self._lookup_id(event_id)
+        if key is None:
+            return None
+        with self._errors(), self._serial, self.engine.connect() as conn:
+            row = conn.execute(sa.select(*self._cols).where(self._t.c.id == key)).first()
+        return None if row is None else _row_event(row)
+
+    def list(self, filter: EventFilter | None = None) -> list[Event]:  # noqa: A002
+        """Stored events that pass ``filter``, oldest first (``created_at``, then ``seq``).
+
+        Every field is a SQL condition on an indexed column where one exists; ``type_pattern``
+        becomes ``LIKE 'prefix%'`` plus an exact regular expression (PostgreSQL) or ``GLOB`` and
+        a segment count (SQLite). ``limit``/``offset`` apply in SQL.
+        """
+        return list(self.iter_events(filter))
+
+    def iter_events(
+        self, filter: EventFilter | None = None, *, page_size: int = 1000  # noqa: A002
+    ) -> Iterator[Event]:
+        """Like :meth:`list`, but reads in pages of ``page_size`` rows (keyset pagination on
+        ``(created_at, seq)``), so memory stays flat for any number of rows (``replay``)."""
+        f = filter or EventFilter()
+        self._check_open()
+        t = self._t
+        conds: list[sa.ColumnElement[bool]] = []
+        if f.source is not None:
+            conds.append(t.c.source == str(f.source))
+        if f.status is not None:
+            conds.append(t.c.status == str(f.status))
+        if f.user_id is not None:
+            conds.append(t.c.user_id == f.user_id)
+        for name in ("schema", "entity", "operation", "instance_id"):
+            value = getattr(f, name)
+            if value:
+                conds.append(t.c[name] == value)
+        if f.start_time is not None:
+            conds.append(t.c.created_at >= _utc(f.start_time))
+        if f.end_time is not None:
+            conds.append(t.c.created_at < _utc(f.end_time))
+        refine: Callable[[str], bool] | None = None
+        if f.type_pattern:
+            clause, exact = self._pattern_clause(f.type_pattern)
+            if clause is not None:
+                conds.append(clause)
+            if not exact:
+                refine = compile_pattern(f.type_pattern)
+        remaining = f.limit or None
+        skip = f.offset
+        key: tuple[dt.datetime, int] | None = None
+        while True:
+            stmt = sa.select(*self._cols, t.c.seq).where(*conds)
+            if key is not None:
+                stmt = stmt.where(
+                    sa.tuple_(t.c.created_at, t.c.seq)
+                    > sa.tuple_(
+                        sa.literal(key[0], t.c.created_at.type), sa.literal(key[1], sa.BigInteger())
+                    )
+                )
+            n = page_size
+            if refine is None:
+                if skip:
+                    stmt = stmt.offset(skip)
+                    skip = 0
+                if remaining is not None:
+                    n = min(n, remaining)
+            stmt = stmt.order_by(t.c.created_at, t.c.seq).limit(n)
+            with self._errors(), self._serial, self.engine.connect() as conn:
+                rows = conn.execute(stmt).all()
+            for row in rows:
+                if refine is not None and not refine(row[2]):
+                    continue
+                if skip:
+                    skip -= 1
+                    continue
+                yield _row_event(row)
+                if remaining is not None:
+                    remaining -= 1
+                    if remaining == 0:
+                        return
+            if len(rows) < n:
+                return
+            key = (rows[-1][13], rows[-1][17])
+
+    def _pattern_clause(self, pattern: str) -> tuple[sa.ColumnElement[bool] | None, bool]:
+        """SQL for a subscription pattern on ``type``, and whether it is exact."""
+        segments = validate_pattern(pattern)
+        col = self._t.c.type
+        if pattern == "*":
+            return None, True
+        if "*" not in pattern:
+            return col == pattern, True
+        literal_prefix: list[str] = []
+        for seg in segments:
+            if "*" in seg:
+                break
+            literal_prefix.append(seg)
+        prefix = ".".join(literal_prefix) + "." if literal_prefix else ""
+        conds: list[sa.ColumnElement[bool]] = []
+        if prefix:
+            conds.append(col.like(_like_escape(prefix) + "%", escape="/"))
+        trailing = segments[-1] == "**"
+        if self.is_postgres:
+            parts = [
+                ".*" if s == "**" else "[^.]*" if s == "*" else re.escape(s) for s in segments
+            ]
+            regex = "^" + r"\.".join(parts) + "$"
+            conds.append(col.op("~")(regex))
+            return sa.and_(*conds), True
+        if self.dialect == "sqlite":
+            glob = ".".join("*" if "*" in s else _glob_escape(s) for s in segments)
+            conds.append(col.op("GLOB")(glob))
+            if not trailing:
+                dots = sa.func.length(col) - sa.func.length(sa.func.replace(col, ".", ""))
+                conds.append(dots == len(segments) - 1)
+                return sa.and_(*conds), True
+            # '*.x.**': a GLOB '*' could swallow dots before the literal segment.
+            return sa.and_(*conds), "*" not in segments[:-1]
+        return (sa.and_(*conds) if conds else None), False
+
+    def update_status(
+        self, event_id: str, status: EventStatus, error: str = "", *, retry_count: int | None = None
+    ) -> None:
+        """Set status, error and (when given) retry count of the stored event.
+
+        ``processing`` sets ``processed_at``; ``completed``/``failed`` set ``completed_at`` and
+        ``processed_at`` when it was never set. Unknown ids are ignored.
+        """
+        self._check_open()
+        key = self._lookup_id(event_id)
+        if key is None:
+            return
+        t = self._t
+        now = dt.datetime.now(UTC)
+        status = EventStatus(status)
+        values: dict[str, Any] = {"status": str(status), "error": error}
+        if retry_count is not None:
+            values["retry_count"] = retry_count
+        if status is EventStatus.PROCESSING:
+            values["processed_at"] = now
+        elif status in (EventStatus.COMPLETED, EventStatus.FAILED):
+            values["completed_at"] = now
+            values["processed_at"] = sa.func.coalesce(
+                t.c.processed_at, sa.literal(now, t.c.processed_at.type)
+            )
+        with self._errors(), self._serial, self.engine.begin() as conn:
+            conn.execute(t.update().where(t.c.id == key).values(**values))
+
+    def delete(self, event_id: str) -> None:
+        """Remove the stored event (unknown ids are ignored)."""
+        self._check_open()
+        key = self._lookup_id(event_id)
+        if key is None:
+            return
+        with self._errors(), self._serial, self.engine.begin() as conn:
+            conn.execute(self._t.delete().where(self._t.c.id == key))
+
+    def purge(
+        self,
+        older_than: dt.datetime | dt.timedelta | float,
+        statuses: Sequence[EventStatus | str] | None = (EventStatus.COMPLETED, EventStatus.FAILED),
+        *,
+        batch_size: int = 10_000,
+    ) -> int:
+        """Delete events that finished before ``older_than`` and return how many.
+
+        ``older_than`` is a cutoff time, or an age (``timedelta`` or seconds) counted back from
+        now. An event's time is its ``completed_at``, or ``created_at`` when it never finished.
+        ``statuses=None`` purges every status. Deletes in batches of ``batch_size`` rows, each
+        its own transaction, so a large purge never holds long locks.
+        """
+        self._check_open()
+        if isinstance(older_than, dt.datetime):
+            cutoff = _utc(older_than)
+        elif isinstance(older_than, dt.timedelta):
+            cutoff = dt.datetime.now(UTC) - older_than
+        else:
+            cutoff = dt.datetime.now(UTC) - dt.timedelta(seconds=float(older_than))
+        t = self._t
+        conds: list[sa.ColumnElement[bool]] = [
+            sa.func.coalesce(t.c.completed_at, t.c.created_at) < sa.literal(cutoff, t.c.created_at.type)
+        ]
+        if statuses is not None:
+            conds.append(t.c.status.in_([str(EventStatus(s)) for s in statuses]))
+        total = 0
+        while True:
+            batch = sa.select(t.c.seq).where(*conds).limit(batch_size).scalar_subquery()
+            with self._errors(), self._serial, self.engine.begin() as conn:
+                n = conn.execute(t.delete().where(t.c.seq.in_(batch))).rowcount
+            total += n
+            if n < batch_size:
+                return total
+
+    def stats(self) -> ProviderStats:
+        """Counts by status (one query), and what this provider carried."""
+        self._check_open()
+        t = self._t
+        with self._errors(), self._serial, self.engine.connect() as conn:
+            counts = dict(
+                conn.execute(sa.select(t.c.status, sa.func.count()).group_by(t.c.status)).all()
+            )
+        listener = self._listener
+        with self._lock:
+            active = sum(1 for s in self._streams if not s.closed) + sum(
+                1 for g in list(self._group_streams) if not g.closed
+            )
+            return ProviderStats(
+                provider_type="database",
+                total_events=sum(counts.values()),
+                pending_events=counts.get("pending", 0),
+                processing_events=counts.get("processing", 0),
+                completed_events=counts.get("completed", 0),
+                failed_events=counts.get("failed", 0),
+                events_published=self._published,
+                events_consumed=self._consumed,
+                active_subscribers=active,
+                provider_specific={
+                    "dialect": self.dialect,
+                    "table": self.table_name,
+                    "channel": self.channel,
+                    "listener": listener.mode if listener else "stopped",
+                    "listener_pid": listener.backend_pid if listener else None,
+                    "listener_reconnects": listener.reconnects if listener else 0,
+                    "cursor_seq": listener.cursor[1] if listener else None,
+                },
+            )
+
+    # -- the gap-free reader -----------------------------------------------------------
+
+    def _tail(self) -> Cursor:
+        """A cursor behind which every row has already committed: start reading here."""
+        t = self._t
+        with self._errors(), self._serial, self.engine.connect() as conn:
+            conn.execute(sa.select(t.c.seq).limit(0))  # a missing table fails here, clearly
+            if self.is_postgres:
+                xmin = conn.execute(sa.select(self._pg_xmin())).scalar_one()
+                return (int(xmin), 0)
+            top = conn.execute(sa.select(sa.func.coalesce(sa.func.max(t.c.seq), 0))).scalar_one()
+            return (0, int(top))
+
+    @staticmethod
+    def _pg_xmin() -> sa.ColumnElement[int]:
+        return sa.cast(
+            sa.cast(sa.func.pg_snapshot_xmin(sa.func.pg_current_snapshot()), sa.Text),
+            sa.BigInteger,
+        )
+
+    def _read_page(self, cursor: Cursor, limit: int) -> _Page:
+        """Rows past ``cursor`` that can never again be preceded by a later commit.
+
+        PostgreSQL: rows ordered by ``(tx_id, seq)``; a row counts only when its ``tx_id`` is
+        below the statement's snapshot ``xmin`` (every older transaction has ended). Later
+        visible rows are reported as ``held_back`` so the caller looks again soon.
+        """
+        t = self._t
+        if self.is_postgres:
+            stmt = (
+                sa.select(*self._cols, t.c.tx_id, t.c.seq, (t.c.tx_id < self._pg_xmin()).label("ready"))
+                .where(sa.tuple_(t.c.tx_id, t.c.seq) > sa.tuple_(sa.literal(cursor[0]), sa.literal(cursor[1])))
+                .order_by(t.c.tx_id, t.c.seq)
+                .limit(limit)
+            )
+        else:
+            stmt = sa.select(*self._cols, sa.literal(0), t.c.seq, sa.true()).where(
+                t.c.seq > cursor[1]
+            ).order_by(t.c.seq).limit(limit)
+        with self._errors(), self._serial, self.engine.connect() as conn:
+            rows = conn.execute(stmt).all()
+        events: list[Event] = []
+        held = False
+        for row in rows:
+            if not row[19]:
+                held = True
+                break
+            events.append(_row_event(row))
+            cursor = (int(row[17]), int(row[18]))
+        return _Page(events, cursor, held, len(rows) == limit and not held)
+
+    # -- fan-out streams ---------------------------------------------------------------
+
+    def stream(self, pattern: str) -> QueueEventStream:
+        """Every matching event committed after this call, once, in commit order.
+
+        Raises:
+            PatternError: the pattern is malformed.
+            ProviderError: the database or the table is missing.
+        """
+        validate_pattern(pattern)
+        self._check_open()
+        listener = self._ensure_listener()
+        stream = QueueEventStream(pattern, on_close=self._forget_stream)
+        with self._lock:
+            self._streams.append(stream)
+        listener.kick()
+        return stream
+
+    def _forget_stream(self, stream: QueueEventStream) -> None:
+        with self._lock:
+            if stream in self._streams:
+                self._streams.remove(stream)
+
+    def _ensure_listener(self) -> _Listener:
+        with self._lock:
+            self._check_open()
+            if self._listener is None:
+                listener = _Listener(self, self._tail())
+                listener.start()
+                self._listener = listener
+            return self._listener
+
+    def _dispatch(self, events: list[Event]) -> None:
+        with self._lock:
+            streams = [s for s in self._streams if not s.closed]
+            for event in events:
+                first = True
+                for s in streams:
+                    if s.wants(event.type):
+                        s._put(event if first else event.clone())
+                        first = False
+                        self._consumed += 1
+
+    def _wake_local(self) -> None:
+        """Something changed: wake group members waiting here, and (without NOTIFY) the reader."""
+        with self._wake:
+            self._wake_gen += 1
+            self._wake.notify_all()
+        listener = self._listener
+        if listener is not None and listener.mode != "notify":
+            listener.kick()
+
+    def _wait_wake(self, gen: int, timeout: float) -> None:
+        with self._wake:
+            if self._wake_gen == gen and not self._closed:
+                self._wake.wait(timeout)
+
+    # -- groups ------------------------------------------------------------------------
+
+    def group_stream(self, pattern: str, group: str, *, lease: float = 30.0) -> _DbGroupStream:
+        """Join the consumer group ``(group, pattern)``, creating it at the tail if new.
+
+        Raises:
+            PatternError: the pattern is malformed.
+            ValueError: empty group name or non-positive lease.
+        """
+        validate_pattern(pattern)
+        if not group:
+            raise ValueError("group_stream: group must be a non-empty string")
+        if lease <= 0:
+            raise ValueError(f"group_stream: lease must be > 0, got {lease}")
+        self._check_open()
+        if self.is_postgres:
+            self._ensure_listener()  # its notifications wake the members
+        group_id = self._open_group(group, pattern)
+        stream = _DbGroupStream(self, group_id, group, pattern, float(lease))
+        with self._lock:
+            self._group_streams.add(stream)
+        return stream
+
+    def drop_group(self, group: str, pattern: str) -> None:
+        """Forget a consumer group: its cursor and unfinished claims."""
+        self._check_open()
+        g, c = self.tables.groups, self.tables.claims
+        with self._errors(), self._serial, self.engine.begin() as conn:
+            gid = conn.execute(
+                sa.select(g.c.id).where(g.c.group_name == group, g.c.pattern == pattern)
+            ).scalar()
+            if gid is not None:
+                conn.execute(c.delete().where(c.c.group_id == gid))
+                conn.execute(g.delete().where(g.c.id == gid))
+
+    def _open_group(self, group: str, pattern: str) -> int:
+        g = self.tables.groups
+        where = (g.c.group_name == group, g.c.pattern == pattern)
+        tx, seq = self._tail()
+        now = dt.datetime.now(UTC)
+        with self._errors(), self._serial, self.engine.begin() as conn:
+            gid = conn.execute(sa.select(g.c.id).where(*where)).scalar()
+            if gid is not None:
+                return int(gid)
+            values = dict(group_name=group, pattern=pattern, cursor_tx=tx, cursor_seq=seq, created_at=now)
+            if self.dialect in ("postgresql", "sqlite"):
+                insert = pg_dialect.insert(g) if self.is_postgres else sqlite_dialect.insert(g)
+                conn.execute(insert.values(**values).on_conflict_do_nothing())
+            else:
+                conn.execute(g.insert().values(**values))
+            return int(conn.execute(sa.select(g.c.id).where(*where)).scalar_one())
+
+    def _now_sql(self) -> sa.ColumnElement[float]:
+        if self.is_postgres:
+            return sa.func.extract("epoch", sa.func.clock_timestamp())  # the database's clock
+        return sa.literal(time.time(), sa.Double())
+
+    def _claim(self, stream: _DbGroupStream) -> _DbDelivery | None:
+        """Lease the oldest free (or expired) claim of the group, with its event."""
+        c, t = self.tables.claims, self._t
+        token = uuid.uuid4().hex
+        now = self._now_sql()
+        while True:
+            with self._errors(), self._serial, self.engine.begin() as conn:
+                if self.is_postgres:
+                    pick = (
+                        sa.select(c.c.group_id, c.c.seq)
+                        .where(c.c.group_id == stream.group_id, c.c.lease_until <= now)
+                        .order_by(c.c.seq)
+                        .limit(1)
+                        .with_for_update(skip_locked=True)
+                        .cte("pick")
+                    )
+                    claimed = (
+                        c.update()
+                        .where(c.c.group_id == pick.c.group_id, c.c.seq == pick.c.seq)
+                        .values(lease_until=now + stream.lease, token=token,
+                                deliveries=c.c.deliveries + 1)
+                        .returning(c.c.seq)
+                        .cte("claimed")
+                    )
+                    row = conn.execute(
+                        sa.select(claimed.c.seq, *self._cols)
+                        .select_from(claimed.outerjoin(t, t.c.seq == claimed.c.seq))
+                    ).first()
+                    if row is None:
+                        return None
+                    seq, event_row = int(row[0]), row[1:]
+                else:
+                    seq = conn.execute(
+                        sa.select(c.c.seq)
+                        .where(c.c.group_id == stream.group_id, c.c.lease_until <= now)
+                        .order_by(c.c.seq)
+                        .limit(1)
+                    ).scalar()
+                    if seq is None:
+                        return None
+                    # Compare-and-set: another member may have taken it since.
+                    won = conn.execute(
+                        c.update()
+                        .where(c.c.group_id == stream.group_id, c.c.seq == seq, c.c.lease_until <= now)
+                        .values(lease_until=now + stream.lease, token=token,
+                                deliveries=c.c.deliveries + 1)
+                    ).rowcount
+                    if not won:
+                        continue
+                    event_row = conn.execute(sa.select(*self._cols).where(t.c.seq == seq)).first()
+                if event_row is None or event_row[0] is None:
+                    # The event was deleted or purged meanwhile: nothing left to deliver.
+                    conn.execute(c.delete().where(c.c.group_id == stream.group_id, c.c.seq == seq))
+                    continue
+            with self._lock:
+                self._consumed += 1
+            return _DbDelivery(_row_event(event_row), stream, seq, token)
+
+    def _fill(self, stream: _DbGroupStream) -> tuple[int, bool]:
+        """Advance the group's cursor by one page, adding a claim per matching event.
+
+        Returns ``(claims added, should look again soon)``. Gap-free like the fan-out reader.
+        PostgreSQL: optimistic (the cursor moves by compare-and-set, no lock is held while
+        reading); elsewhere the transaction starts with a write, which serialises fillers.
+        """
+        g, c, t = self.tables.groups, self.tables.claims, self._t
+        gid = stream.group_id
+        limit = self.page_size
+        with self._errors(), self._serial, self.engine.begin() as conn:
+            if not self.is_postgres:
+                conn.execute(g.update().where(g.c.id == gid).values(cursor_seq=g.c.cursor_seq))
+            row = conn.execute(sa.select(g.c.cursor_tx, g.c.cursor_seq).where(g.c.id == gid)).first()
+            if row is None:
+                raise ProviderError(f"consumer group {stream.group!r} was dropped")
+            old = (int(row[0]), int(row[1]))
+            if self.is_postgres:
+                stmt = (
+                    sa.select(t.c.seq, t.c.id, t.c.type, t.c.tx_id, (t.c.tx_id < self._pg_xmin()))
+                    .where(sa.tuple_(t.c.tx_id, t.c.seq) > sa.tuple_(sa.literal(old[0]), sa.literal(old[1])))
+                    .order_by(t.c.tx_id, t.c.seq)
+                    .limit(limit)
+                )
+            else:
+                stmt = (
+                    sa.select(t.c.seq, t.c.id, t.c.type, sa.literal(0), sa.true())
+                    .where(t.c.seq > old[1])
+                    .order_by(t.c.seq)
+                    .limit(limit)
+                )
+            rows = conn.execute(stmt).all()
+            cursor, held, claims = old, False, []
+            for seq, event_id, etype, tx, ready in rows:
+                if not ready:
+                    held = True
+                    break
+                cursor = (int(tx), int(seq))
+                if stream.wants(etype):
+                    claims.append({"group_id": gid, "seq": seq, "event_id": str(event_id),
+                                   "lease_until": 0.0, "token": "", "deliveries": 0})
+            if cursor == old:
+                return 0, held
+            moved = conn.execute(
+                g.update()
+                .where(g.c.id == gid, g.c.cursor_tx == old[0], g.c.cursor_seq == old[1])
+                .values(cursor_tx=cursor[0], cursor_seq=cursor[1])
+            ).rowcount
+            if not moved:  # another member filled this page first; nothing was written
+                return 0, True
+            if claims:
+                conn.execute(c.insert(), claims)
+                if self.is_postgres:  # wake the other members, wherever they run
+                    conn.execute(sa.select(sa.func.pg_notify(self.channel, self.table_name)))
+        if claims:
+            self._wake_local()
+        return len(claims), held or len(rows) == limit
+
+    def _ack(self, delivery: _DbDelivery) -> None:
+        c = self.tables.claims
+        with self._errors(), self._serial, self.engine.begin() as conn:
+            conn.execute(c.delete().where(c.c.group_id == delivery.stream.group_id,
+                                          c.c.seq == delivery.seq))
+
+    def _renew(self, delivery: _DbDelivery) -> bool:
+        c = self.tables.claims
+        now = self._now_sql()
+        with self._errors(), self._serial, self.engine.begin() as conn:
+            n = conn.execute(
+                c.update()
+                .where(c.c.group_id == delivery.stream.group_id, c.c.seq == delivery.seq,
+                       c.c.token == delivery.token)
+                .values(lease_until=now + delivery.stream.lease)
+            ).rowcount
+        return bool(n)
+
+    # -- closing -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the listener, end open streams, and dispose the engine if the provider made it.
+
+        Idempotent; other calls afterwards raise :class:`ProviderError`.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            listener, self._listener = self._listener, None
+            streams = list(self._streams)
+            groups = list(self._group_streams)
+        for s in streams:
+            s.close()
+        for g in groups:
+            g.close()
+        with self._wake:
+            self._wake.notify_all()
+        if listener is not None:
+            listener.stop()
+        if self._owns_engine:
+            self.engine.dispose()
+
+
+@dataclass(eq=False, slots=True)
+class _DbDelivery:
+    """One event leased to this member of a group."""
+
+    event: Event
+    stream: _DbGroupStream
+    seq: int
+    token: str
+
+    def ack(self) -> None:
+        """Done: delete the claim, so the group never sees the event again."""
+        self.stream.provider._ack(self)
+
+    def renew(self) -> None:
+        """Extend the lease by its full length from now (no-op if it was lost meanwhile)."""
+        if not self.stream.provider._renew(self):
+            logger.warning(
+                "group %r lost the lease on event %s: it may be delivered again",
+                self.stream.group, self.event.id, extra={"event_id": self.event.id},
+            )
+
+
+class _DbGroupStream:
+    """One member of a consumer group (see :meth:`DatabaseProvider.group_stream`)."""
+
+    def __init__(
+        self, provider: DatabaseProvider, group_id: int, group: str, pattern: str, lease: float
+    ) -> None:
+        self.provider = provider
+        self.group_id = group_id
+        self.group = group
+        self.pattern = pattern
+        self.lease = lease
+        self.wants = compile_pattern(pattern)
+        self._closed = threading.Event()
+        # Expired leases of dead members are noticed by looking: often enough for the lease.
+        base = provider.idle_interval if provider.is_postgres else provider.poll_interval
+        self._idle = max(0.05, min(base, lease / 4))
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def receive(self, timeout: float | None = None) -> _DbDelivery | None:
+        """The next delivery, or ``None`` after ``timeout`` seconds.
+
+        Raises:
+            StopIteration: the stream (or its provider) was closed.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        soon = _Backoff(0.01, 0.25)
+        p = self.provider
+        while True:
+            if self._closed.is_set() or p._closed:
+                raise StopIteration
+            gen = p._wake_gen
+            delivery = p._claim(self)
+            if delivery is not None:
+                return delivery
+            added, again = p._fill(self)
+            if added:
+                soon.reset()
+                continue
+            wait = soon.next() if again else self._idle
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                wait = min(wait, remaining)
+            p._wait_wake(gen, wait)
+
+    def __iter__(self) -> Iterator[_DbDelivery]:
+        while True:
+            d = self.receive(None)
+            if d is not None:
+                yield d
+
+    def close(self) -> None:
+        """Leave the group; unacknowledged deliveries come back when their leases end."""
+        self._closed.set()
+        p = self.provider
+        with p._wake:
+            p._wake.notify_all()
+
+    def __enter__(self) -> _DbGroupStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Listener(threading.Thread):
+    """The provider's reader: one thread, one dedicated LISTEN connection (PostgreSQL).
+
+    Reads pages past its cursor and hands them to the provider's streams. Waits for a
+    notification (or, in poll mode, ``poll_interval``); on any connection failure it backs
+    off, reconnects and catches up from the cursor it kept, so nothing is lost or repeated.
+    """
+
+    def __init__(self, provider: DatabaseProvider, cursor: Cursor) -> None:
+        super().__init__(name=f"eventbroker-db-listener-{provider.table_name}", daemon=True)
+        self.provider = provider
+        self.cursor = cursor
+        self.mode = "connecting" if provider.is_postgres else "poll"
+        self.backend_pid: int | None = None
+        self.reconnects = 0
+        self._stopping = threading.Event()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._conn: Any = None
+
+    # -- control (other threads) --
+
+    def kick(self) -> None:
+        """Read now (a local write, a new stream)."""
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.kick()
+        if threading.current_thread() is not self:
+            self.join(timeout=10)
+        for s in (self._wake_r, self._wake_w):
+            s.close()
+
+    # -- the loop --
+
+    def run(self) -> None:
+        retry = _Backoff(0.05, 5.0)
+        first = True
+        while not self._stopping.is_set():
+            try:
+                if self.provider.is_postgres and self.mode != "poll":
+                    self._connect()
+                if not first:
+                    self.reconnects += 1
+                first = False
+                self._loop(retry)
+            except Exception as exc:  # noqa: BLE001 - any failure: reconnect and catch up
+                if self._stopping.is_set():
+                    break
+                logger.warning(
+                    "eventbroker listener on %s: %s; reconnecting and catching up from seq %s",
+                    self.provider.address, exc, self.cursor[1],
+                )
+                self._close_conn()
+                if self.mode == "notify":
+                    self.mode = "connecting"
+                self._sleep(retry.next())
+        self._close_conn()
+
+    def _loop(self, retry: _Backoff) -> None:
+        soon = _Backoff(0.01, 0.5)
+        while not self._stopping.is_set():
+            held = self._drain()
+            retry.reset()
+            if held:
+                timeout = soon.next()
+            else:
+                soon.reset()
+                timeout = self.provider.idle_interval if self.mode == "notify" else self.provider.poll_interval
+            self._wait(timeout)
+
+    def _drain(self) -> bool:
+        """Read every page past the cursor; True when rows are held back (look again soon)."""
+        p = self.provider
+        while not self._stopping.is_set():
+            page = p._read_page(self.cursor, p.page_size)
+            if page.events:
+                self.cursor = page.cursor
+                p._dispatch(page.events)
+                with p._wake:
+                    p._wake_gen += 1
+                    p._wake.notify_all()
+            else:
+                self.cursor = page.cursor
+            if not page.full:
+                return page.held_back
+        return False
+
+    def _wait(self, timeout: float) -> None:
+        conn = self._conn
+        fds: list[Any] = [self._wake_r]
+        if conn is not None:
+            fds.append(conn.fileno())
+        ready, _, _ = select.select(fds, [], [], timeout)
+        if self._wake_r in ready:
+            self._drain_wake()
+        if conn is not None:
+            got = False
+            for _ in conn.notifies(timeout=0):
+                got = True
+            if got:
+                p = self.provider
+                with p._wake:  # group members wait on the same news
+                    p._wake_gen += 1
+                    p._wake.notify_all()
+            elif not ready:
+                conn.execute("SELECT 1")  # idle: prove the connection is still alive
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self._stopping.is_set() and (left := deadline - time.monotonic()) > 0:
+            if select.select([self._wake_r], [], [], left)[0]:
+                self._drain_wake()
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:  # BlockingIOError: drained
+            pass
+
+    # -- the LISTEN connection --
+
+    def _connect(self) -> None:
+        p = self.provider
+        self._close_conn()
+        conn = _listen_connection(p.engine)
+        if conn is None:
+            logger.warning(
+                "eventbroker: psycopg 3 is not available for LISTEN on %s; polling every %ss",
+                p.address, p.poll_interval,
+            )
+            self.mode = "poll"
+            return
+        self._conn = conn
+        quoted = p.engine.dialect.identifier_preparer.quote_identifier(p.channel)
+        conn.execute(f"LISTEN {quoted}")
+        token = f"selftest:{uuid.uuid4().hex}"
+        self._send_selftest(conn, token)
+        deadline = time.monotonic() + p.selftest_timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if any(n.payload == token for n in conn.notifies(timeout=left, stop_after=1)):
+                self.mode = "notify"
+                self.backend_pid = conn.info.backend_pid
+                return
+        logger.warning(
+            "eventbroker: the LISTEN connection to %s did not receive its own test notification "
+            "within %ss (a pooler in transaction mode?); falling back to polling every %ss",
+            p.address, p.selftest_timeout, p.poll_interval,
+        )
+        self._close_conn()
+        self.mode = "poll"
+
+    def _send_selftest(self, conn: Any, token: str) -> None:
+        conn.execute("SELECT pg_notify(%s, %s)", (self.provider.channel, token))
+
+    def _close_conn(self) -> None:
+        conn, self._conn = self._conn, None
+        self.backend_pid = None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - best effort on a broken connection
+                pass
+
+
+def _listen_connection(engine: Engine) -> Any:
+    """A dedicated autocommit psycopg 3 connection with the engine's connect arguments."""
+    try:
+        import psycopg
+    except ImportError:
+        return None
+    if engine.dialect.driver == "psycopg":
+        # A connection made exactly as the engine makes them, then taken out of its pool.
+        raw = engine.raw_connection()
+        conn = raw.driver_connection
+        raw.detach()
+        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            conn.rollback()
+    else:
+        args = engine.url.translate_connect_args(username="user", database="dbname")
+        args.update({k: v for k, v in engine.url.query.items() if isinstance(v, str)})
+        conn = psycopg.connect(**args)
+    conn.autocommit = True
+    conn.execute("SET application_name = 'eventbroker-listener'")
+    return conn
+
