@@ -718,7 +718,9 @@ class _Capture:
             else:
                 provider.write_in_transaction(conn, events)
         except Exception as exc:
-            # The savepoint rolled the failed write back; the broker stores them after commit.
+            # The savepoint rolled the failed write back; the broker stores these events (and
+            # the rest of this transaction's) after commit instead.
+            st.outbox = False
             broker.forget_own(ids)
             self.error(exc, "write_in_transaction", broker)
             return False
