@@ -903,6 +903,7 @@ class Broker:
             if stored is None or stored.status is not EventStatus.FAILED:
                 raise _DeadLetterNotFound(f"no dead letter with id {event_id!r}")
             event = stored
+        failed = event.clone()
         event.status = EventStatus.PENDING
         event.error = ""
         event.retry_count = 0
@@ -911,7 +912,19 @@ class Broker:
             self.provider.delete(event.id)
         except Exception as exc:  # storing again will tell if the backend is really down
             log.warning("eventbroker: redrive could not delete old copy of %s: %s", event_id, exc)
-        self.publish(event)
+        try:
+            self.publish(event)
+        except HandlerError:
+            raise  # published and failed again: it is a dead letter once more
+        except BaseException:
+            # Not published (stopped, queue full, backend down): keep the dead letter as it was.
+            with self._lock:
+                self._dead[event_id] = failed
+            try:
+                self.provider.store(failed)
+            except Exception as exc:
+                log.warning("eventbroker: redrive could not restore %s: %s", event_id, exc)
+            raise
         return event
 
     def replay(

@@ -455,3 +455,79 @@ def test_stats__fields(make_broker: MakeBroker) -> None:
     assert (s.total_published, s.total_processed, s.total_failed) == (1, 1, 0)
     assert s.active_subscribers == 2 and s.queue_size == 0 and s.active_workers == 0
     assert s.provider_stats.provider_type == "memory"
+
+
+def test_stop__timeout_bounds_a_hung_handler(make_broker: MakeBroker) -> None:
+    """stop(timeout) returns soon after the timeout even when a handler never finishes."""
+    import time
+
+    broker = make_broker(mode="async", worker_count=1)
+    hang, entered = threading.Event(), threading.Event()
+    broker.subscribe("*", lambda e: (entered.set(), hang.wait(30)))
+    broker.publish(_event())
+    broker.publish(_event())  # queued behind the hung one
+    assert entered.wait(5)
+    started = time.monotonic()
+    try:
+        broker.stop(timeout=0.3)
+        assert time.monotonic() - started < 3
+        assert not broker.is_running
+    finally:
+        hang.set()
+
+
+def test_start__twice_is_harmless(make_broker: MakeBroker) -> None:
+    """start() on a running broker changes nothing."""
+    broker = make_broker(mode="async")
+    assert broker.start() is broker
+    seen: list[str] = []
+    broker.subscribe("*", lambda e: seen.append(e.id))
+    broker.publish(_event())
+    broker.stop()
+    assert len(seen) == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"mode": "parallel"}, "mode"),
+        ({"worker_count": 0}, "worker_count"),
+        ({"worker_count": -3}, "worker_count"),
+        ({"buffer_size": 0}, "buffer_size"),
+        ({"buffer_size": 2.5}, "buffer_size"),
+    ],
+)
+def test_broker__bad_settings_raise_config_error(kwargs: dict[str, object], name: str) -> None:
+    """Bad constructor settings raise ConfigError naming the setting."""
+    from sqlalchemy_eventbroker import ConfigError
+
+    with pytest.raises(ConfigError, match=name) as info:
+        Broker(**kwargs)  # type: ignore[arg-type]
+    assert info.value.path == name
+
+
+def test_subscribe__bad_input_fails_there_and_broker_keeps_working(
+    mode: str, make_broker: MakeBroker
+) -> None:
+    """An invalid pattern or handler fails at subscribe; later publishing still works."""
+    from sqlalchemy_eventbroker import PatternError
+
+    broker = make_broker(mode=mode)
+    for pattern in ("", "a..b", "a.**.b", "us*rs"):
+        with pytest.raises(PatternError):
+            broker.subscribe(pattern, lambda e: None)
+    with pytest.raises(TypeError):
+        broker.subscribe("*", "not callable")  # type: ignore[arg-type]
+    assert broker.stats().active_subscribers == 0
+    seen: list[str] = []
+    broker.subscribe("a.*", lambda e: seen.append(e.type))
+    broker.publish(_event("a.b"))
+    broker.stop()
+    assert seen == ["a.b"]
+
+
+def test_publish__non_event_raises_type_error(make_broker: MakeBroker) -> None:
+    """Publishing something that is not an Event raises TypeError."""
+    broker = make_broker(mode="sync")
+    with pytest.raises(TypeError):
+        broker.publish({"type": "a.b"})  # type: ignore[arg-type]

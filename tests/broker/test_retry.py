@@ -318,3 +318,50 @@ def test_redrive__unknown_id_raises(make_broker: MakeBroker) -> None:
         broker.redrive("no-such-event")
     with pytest.raises(LookupError):
         broker.redrive(done.id)  # completed, not a dead letter
+
+
+def test_redrive__refused_publish_keeps_the_dead_letter(make_broker: MakeBroker) -> None:
+    """A redrive that cannot publish (broker stopped) leaves the dead letter and stored copy."""
+    broker = make_broker(mode="sync", retry_policy=RetryPolicy(max_retries=0))
+    broker.subscribe("*", Flaky(100))
+    event = _event()
+    with pytest.raises(HandlerError):
+        broker.publish(event)
+    broker.stop()
+    from sqlalchemy_eventbroker import BrokerStopped
+
+    with pytest.raises(BrokerStopped):
+        broker.redrive(event.id)
+    assert [e.id for e in broker.dead_letters()] == [event.id]
+    stored = broker.provider.get(event.id)
+    assert stored is not None and stored.status is EventStatus.FAILED and stored.error
+
+
+def test_redrive__queue_full_keeps_the_dead_letter(
+    make_broker: MakeBroker, wait_for: Waiter
+) -> None:
+    """A redrive refused with QueueFull leaves the dead letter for a later attempt."""
+    from sqlalchemy_eventbroker import QueueFull
+
+    broker = make_broker(mode="async", worker_count=1, buffer_size=1,
+                         retry_policy=RetryPolicy(max_retries=0))
+    release, entered = threading.Event(), threading.Event()
+    broker.subscribe("fail.*", Flaky(100))
+    broker.subscribe("block.*", lambda e: (entered.set(), release.wait(10)))
+    dead = _event("fail.x")
+    broker.publish(dead)
+    wait_for(lambda: broker.dead_letters(), message="the dead letter")
+    try:
+        broker.publish(_event("block.x"))
+        assert entered.wait(5)
+        broker.publish(_event("block.x"))  # the one queue place
+        with pytest.raises(QueueFull):
+            broker.redrive(dead.id)
+        assert [e.id for e in broker.dead_letters()] == [dead.id]
+        stored = broker.provider.get(dead.id)
+        assert stored is not None and stored.status is EventStatus.FAILED
+    finally:
+        release.set()
+    wait_for(lambda: broker.stats().queue_size == 0)
+    broker.redrive(dead.id)  # room again
+    wait_for(lambda: broker.stats().total_failed == 2, message="the redriven event to fail again")
