@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from .errors import QueueFull
+from .errors import BrokerStopped, QueueFull
 
 __all__ = ["AsyncRunner", "WorkerPool"]
 
@@ -49,6 +49,7 @@ class WorkerPool:
         self._timer_seq = itertools.count()
         self._timer_cond = threading.Condition()
         self._stopping = False
+        self._admitting = True
         self._threads = [
             threading.Thread(target=self._work, name=f"{name}-worker-{i}", daemon=True)
             for i in range(worker_count)
@@ -65,8 +66,13 @@ class WorkerPool:
     # -- admission ---------------------------------------------------------------------
 
     def try_reserve(self, n: int = 1) -> None:
-        """Claim ``n`` queue places, or raise :class:`QueueFull` and claim none."""
+        """Claim ``n`` queue places, or raise :class:`QueueFull` and claim none.
+
+        Raises :class:`BrokerStopped` once :meth:`close_admission` was called.
+        """
         with self._lock:
+            if not self._admitting:
+                raise BrokerStopped("broker was stopped; events are no longer accepted")
             if self._reserved + n > self._capacity:
                 raise QueueFull(
                     f"queue full: {self._reserved} of {self._capacity} places taken "
@@ -74,6 +80,11 @@ class WorkerPool:
                 )
             self._reserved += n
             self._outstanding += n
+
+    def close_admission(self) -> None:
+        """Refuse new reservations from now on, so ``drain`` sees every accepted item."""
+        with self._lock:
+            self._admitting = False
 
     def release(self, n: int = 1) -> None:
         """Give back places reserved by ``try_reserve`` that will not be used."""

@@ -240,6 +240,10 @@ class Broker:
             self._stopped = True
             subs = list(self._subs.values())
             receiver, receiver_thread = self._receiver, self._receiver_thread
+            if self._pool is not None:
+                # A publish_async racing this stop either gets its place before this (and is
+                # drained below) or is refused with BrokerStopped: never accepted and dropped.
+                self._pool.close_admission()
         # Stop taking work from the bus, then finish what was taken.
         if receiver is not None:
             receiver.close()
@@ -526,6 +530,8 @@ class Broker:
     def _ensure_pool(self) -> WorkerPool:
         with self._lock:
             if self._pool is None:
+                if self._stopped:
+                    raise BrokerStopped("broker was stopped; events are no longer accepted")
                 self._pool = WorkerPool(self.worker_count, self.buffer_size, self._run_item,
                                         name=f"eventbroker-{self.instance_id}")
                 self._pool.start()

@@ -531,3 +531,44 @@ def test_publish__non_event_raises_type_error(make_broker: MakeBroker) -> None:
     broker = make_broker(mode="sync")
     with pytest.raises(TypeError):
         broker.publish({"type": "a.b"})  # type: ignore[arg-type]
+
+
+def test_stop__racing_publish_async_is_refused_or_handled(make_broker: MakeBroker) -> None:
+    """A publish_async caught mid-way by stop() either raises BrokerStopped or is handled."""
+    inside, proceed = threading.Event(), threading.Event()
+
+    class SlowToValidate(Event):
+        __slots__ = ()
+
+        def validate(self) -> None:
+            super().validate()
+            inside.set()  # past the running check, before the queue place is claimed
+            proceed.wait(10)
+
+    broker = make_broker(mode="async")
+    seen: list[str] = []
+    broker.subscribe("*", lambda e: seen.append(e.id))
+    event = SlowToValidate(source=EventSource.SYSTEM, type="race.stop")
+    outcome: list[object] = []
+
+    def publish() -> None:
+        try:
+            broker.publish_async(event)
+            outcome.append("accepted")
+        except BrokerStopped as exc:
+            outcome.append(exc)
+
+    publisher = threading.Thread(target=publish)
+    publisher.start()
+    assert inside.wait(5)
+    stopper = threading.Thread(target=broker.stop, kwargs={"timeout": 5})
+    stopper.start()
+    stopper.join(10)
+    proceed.set()
+    publisher.join(10)
+    assert len(outcome) == 1
+    if outcome[0] == "accepted":
+        assert seen == [event.id], "publish_async accepted the event but it was never handled"
+    else:
+        assert isinstance(outcome[0], BrokerStopped)
+        assert broker.provider.get(event.id) is None
