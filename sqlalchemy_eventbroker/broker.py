@@ -820,8 +820,10 @@ class Broker:
         event = job.event
         elapsed = time.perf_counter() - job.started
         if job.failures:
+            # From the job, not self._subs: the subscription may have been removed meanwhile.
+            by_id = {s.id: s for s in job.subs}
             event.mark_failed("; ".join(
-                f"{sid} ({_handler_name(self._subs.get(sid))}): {type(exc).__name__}: {exc}"
+                f"{sid} ({_handler_name(by_id.get(sid))}): {type(exc).__name__}: {exc}"
                 for sid, exc in job.failures
             ))
             status = EventStatus.FAILED

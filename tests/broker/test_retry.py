@@ -365,3 +365,22 @@ def test_redrive__queue_full_keeps_the_dead_letter(
     wait_for(lambda: broker.stats().queue_size == 0)
     broker.redrive(dead.id)  # room again
     wait_for(lambda: broker.stats().total_failed == 2, message="the redriven event to fail again")
+
+
+def test_retry__error_names_handler_unsubscribed_meanwhile(
+    mode: str, make_broker: MakeBroker, wait_for: Waiter
+) -> None:
+    """The stored error names a failed handler even if its subscription was removed meanwhile."""
+    broker = make_broker(mode=mode, retry_policy=RetryPolicy(max_retries=0))
+    subs: list[str] = []
+
+    def leaves_then_fails(e: Event) -> None:
+        broker.unsubscribe(subs[0])
+        raise RuntimeError("gone")
+
+    subs.append(broker.subscribe("*", leaves_then_fails))
+    event = _event()
+    _settle(broker, mode, event)
+    wait_for(lambda: broker.stats().total_failed == 1)
+    stored = broker.provider.get(event.id)
+    assert stored is not None and "leaves_then_fails" in stored.error and "gone" in stored.error
