@@ -424,7 +424,7 @@ class DatabaseProvider(ProviderBase):
         else:
             conn.execute(self._t.insert(), [_core_row(e) for e in events])
 
-    def _store(self, events: Sequence[Event]) -> None:
+    def _store(self, events: Sequence[Event], *, track: bool = True) -> None:
         if not events:
             return
         self._check_open()
@@ -439,11 +439,12 @@ class DatabaseProvider(ProviderBase):
             with self._errors(), self._serial, self.engine.begin() as conn:
                 conn.execute(self._t.delete().where(self._t.c.id.in_([e.id for e in events])))
                 self._insert(conn, events)
-        with self._lock:
-            for e in events:
-                self._stored_unpublished[e.id] = None
-            while len(self._stored_unpublished) > 100_000:
-                del self._stored_unpublished[next(iter(self._stored_unpublished))]
+        if track:
+            with self._lock:
+                for e in events:
+                    self._stored_unpublished[e.id] = None
+                while len(self._stored_unpublished) > 100_000:
+                    del self._stored_unpublished[next(iter(self._stored_unpublished))]
         self._wake_local()
 
     def store(self, event: Event) -> None:
@@ -463,62 +464,28 @@ class DatabaseProvider(ProviderBase):
         self._store(list(events))
 
     def publish(self, event: Event) -> None:
-        """Make a stored event travel to every stream on this database.
+        """Make ``event`` travel to every stream and group on this database.
 
-        Rows travel by being committed; ``store`` already sent the wake-up hint, so publishing
-        an event this provider just stored costs nothing. Publishing any other stored event
-        (a redrive) moves its row to a new ``seq`` so that streams deliver it again.
+        Rows travel by being committed. ``store`` already wrote the row and sent the wake-up,
+        so publishing an event this provider has just stored costs nothing. Any other event
+        (never stored, or stored earlier and published again, e.g. a redrive) is written now,
+        replacing a stored row of the same id under a new ``seq`` so that it travels again.
         """
         self.publish_many([event])
 
     def publish_many(self, events: Sequence[Event]) -> None:
-        """:meth:`publish` for several events: at most one statement and one NOTIFY."""
+        """:meth:`publish` for several events: at most one insert statement and one NOTIFY."""
         self._check_open()
-        again: list[str] = []
+        untracked: list[Event] = []
         with self._lock:
             for e in events:
                 try:
                     del self._stored_unpublished[e.id]
                 except KeyError:
-                    again.append(e.id)
+                    untracked.append(e)
             self._published += len(events)
-        ids = [i for i in (self._lookup_id(x) for x in again) if i is not None]
-        if ids:
-            self._resequence(ids)
-
-    def _resequence(self, ids: list[str]) -> None:
-        t = self._t
-        with self._errors(), self._serial, self.engine.begin() as conn:
-            if self.is_postgres:
-                seq_name = conn.execute(
-                    sa.select(sa.func.pg_get_serial_sequence(self._quoted_table(), "seq"))
-                ).scalar_one()
-                conn.execute(
-                    t.update()
-                    .where(t.c.id.in_(ids))
-                    .values(
-                        seq=sa.func.nextval(seq_name),
-                        tx_id=sa.cast(sa.cast(sa.func.pg_current_xact_id(), sa.Text), sa.BigInteger),
-                    )
-                )
-                conn.execute(sa.select(sa.func.pg_notify(self.channel, self.table_name)))
-            else:
-                for event_id in ids:
-                    top = conn.execute(sa.select(sa.func.coalesce(sa.func.max(t.c.seq), 0))).scalar_one()
-                    if self.dialect == "sqlite":
-                        # AUTOINCREMENT's high-water mark may be above max(seq); move past it
-                        # and record the new value, so no later insert can reuse a passed seq.
-                        mark = conn.execute(
-                            sa.text("SELECT seq FROM sqlite_sequence WHERE name = :t"),
-                            {"t": self.table_name},
-                        ).scalar()
-                        top = max(int(top), int(mark or 0))
-                        conn.execute(
-                            sa.text("UPDATE sqlite_sequence SET seq = :s WHERE name = :t"),
-                            {"s": top + 1, "t": self.table_name},
-                        )
-                    conn.execute(t.update().where(t.c.id == event_id).values(seq=int(top) + 1))
-        self._wake_local()
+        if untracked:
+            self._store(untracked, track=False)
 
     def _quoted_table(self) -> str:
         return self.engine.dialect.identifier_preparer.format_table(self._t)
