@@ -85,6 +85,7 @@ def test_publish_async__8_threads_10000_each_handled_exactly_once(
     stats = broker.stats()
     assert stats.total_published == THREADS * PER_THREAD
     assert stats.total_processed == THREADS * PER_THREAD and stats.total_failed == 0
+    assert stats.queue_size == 0 and stats.active_workers == 0
     assert provider.stats().total_events == THREADS * PER_THREAD
     provider.close()
 

@@ -239,3 +239,47 @@ def test_group__slow_handler_past_lease_is_not_redelivered(
     b.stop()
     assert (slow_a.counts + slow_b.counts)[event.id] == 1
     assert provider.stats().provider_specific["group_backlog"] == 0
+
+
+def test_group__failing_handler_ends_failed_and_is_not_redelivered(
+    mode: str, make_broker: MakeBroker, provider: MemoryProvider, wait_for: Waiter
+) -> None:
+    """A group handler out of retries leaves the event failed and acked: no other member gets it."""
+    a = make_broker(mode=mode, provider=provider)
+    b = make_broker(mode=mode, provider=provider)
+    calls = Recorder()
+
+    def broken(e: Event) -> None:
+        calls(e)
+        raise RuntimeError("no")
+
+    a.subscribe("job.*", broken, group="g", lease=0.3)
+    b.subscribe("job.*", broken, group="g", lease=0.3)
+    event = new_event(EventSource.INTERNAL, "job.run")
+    a.publish(event)
+    wait_for(lambda: provider.get(event.id).status == "failed")  # type: ignore[union-attr]
+    wait_for(lambda: provider.stats().provider_specific["group_backlog"] == 0)
+    a.stop()
+    b.stop()
+    assert calls.counts[event.id] == 3  # one attempt and two retries, on one member
+    assert [e.id for e in a.dead_letters() + b.dead_letters()] == [event.id]
+
+
+def test_group__queued_deliveries_past_lease_are_handled_once(
+    make_broker: MakeBroker, provider: MemoryProvider, wait_for: Waiter
+) -> None:
+    """Deliveries waiting for a busy worker longer than the lease are still handled once."""
+    a = make_broker(mode="async", provider=provider, worker_count=1)
+    b = make_broker(mode="async", provider=provider, worker_count=1)
+    ra, rb = Recorder(hold=0.05), Recorder(hold=0.05)
+    a.subscribe("job.*", ra, group="g", lease=0.2)
+    b.subscribe("job.*", rb, group="g", lease=0.2)
+    events = _events(20, "job.run")
+    for e in events:
+        a.publish(e)
+    wait_for(lambda: ra.total() + rb.total() >= 20, timeout=15)
+    wait_for(lambda: provider.stats().provider_specific["group_backlog"] == 0)
+    a.stop()
+    b.stop()
+    combined = ra.counts + rb.counts
+    assert set(combined) == {e.id for e in events} and max(combined.values()) == 1
