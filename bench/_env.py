@@ -84,7 +84,8 @@ def server_versions() -> dict[str, str]:
             async def version() -> str:
                 nc = await nats.connect(NATS_URL)
                 try:
-                    return str(nc.connected_server_version)
+                    v = nc.connected_server_version
+                    return f"{v.major}.{v.minor}.{v.patch}"
                 finally:
                     await nc.close()
 
@@ -127,6 +128,6 @@ def raw_items(phase: int, n: int) -> list[dict[str, Any]]:
     """What the raw baselines send: an event-shaped dict (id, type, time, ~1 KB payload)."""
     import datetime as dt
 
-    now = dt.datetime.now(dt.timezone.utc).isoformat()
+    now = dt.datetime.now(dt.UTC).isoformat()
     return [{"id": str(uuid.uuid4()), "type": EVENT_TYPE, "created_at": now,
              "payload": payload(phase, i)} for i in range(n)]

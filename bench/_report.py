@@ -8,7 +8,7 @@ same run; its status is ``pass``, ``FAIL`` or ``n/a`` (could not be measured: ne
 from __future__ import annotations
 
 import cProfile
-import io
+import math
 import os
 import platform
 import pstats
@@ -46,7 +46,7 @@ def median(values: Sequence[float]) -> float:
 
 def rate(x: float) -> str:
     """An events-per-second figure."""
-    if x != x:  # nan
+    if math.isnan(x):
         return "–"
     if x >= 10_000:
         return f"{x / 1000:,.1f}k/s"
@@ -73,7 +73,7 @@ def ratio_row(
     note: str = "",
 ) -> Row:
     """A row whose pass/fail is ``library / raw`` against a bound."""
-    if raw <= 0 or library != library or raw != raw:
+    if raw <= 0 or math.isnan(library) or math.isnan(raw):
         return Row(section, name, fmt(library), fmt(raw), "–", _target(at_most, at_least),
                    FAIL, note or "no valid measurement")
     r = library / raw
@@ -125,16 +125,29 @@ def profile_call(fn: Callable[[], Any], limit: int = 14) -> str:
     return summarize(pstats.Stats(prof), limit)
 
 
+#: Blocking primitives: in a multi-thread profile they are idle time, not work.
+_WAITS = ("acquire", "SimpleQueue", "select", "poll", "sleep", "wait", "epoll", "gc.collect",
+          "marshal.loads", "builtins.compile", "_imp.create_dynamic", "__build_class__")
+
+
 def summarize(stats: pstats.Stats, limit: int = 14) -> str:
-    """Top functions by own time, with their cumulative time, as a compact text block."""
+    """Where the time went: busiest functions by own time (waiting and imports left out),
+    then the library's own functions by cumulative time."""
     total = stats.total_tt  # type: ignore[attr-defined]
     entries = []
     for (filename, line, func), (cc, nc, tt, ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
         entries.append((tt, ct, nc, _where(filename, line, func)))
-    entries.sort(reverse=True)
-    out = [f"total {total:.2f} s profiled; top functions by own time:",
-           "    own s   cum s     calls  function"]
-    for tt, ct, nc, where in entries[:limit]:
+    busy = sorted((e for e in entries if not any(w in e[3] for w in _WAITS)), reverse=True)
+    ours = sorted((e for e in entries if e[3].startswith("sqlalchemy_eventbroker/")),
+                  key=lambda e: e[1], reverse=True)
+    waited = sum(e[0] for e in entries if any(w in e[3] for w in _WAITS))
+    out = [(f"{total:.2f} s profiled over all threads, {waited:.2f} s of it blocked/idle "
+            "or importing"),
+           "busiest functions by own time:", "    own s   cum s     calls  function"]
+    for tt, ct, nc, where in busy[:limit]:
+        out.append(f"  {tt:7.3f} {ct:7.3f} {nc:9d}  {where}")
+    out += ["library functions by cumulative time:", "    own s   cum s     calls  function"]
+    for tt, ct, nc, where in ours[:limit]:
         out.append(f"  {tt:7.3f} {ct:7.3f} {nc:9d}  {where}")
     return "\n".join(out)
 

@@ -32,7 +32,7 @@ BACKENDS = {"pg": ("PostgreSQL", PG_ADMIN_URL), "redis": ("Redis", REDIS_URL),
 def phases(quick: bool) -> list[Phase]:
     if quick:
         return [("b1", 200, 1, 0.0), ("b100", 3_000, 100, 0.0), ("lat", 300, 1, 1 / 200)]
-    return [("b1", 1_000, 1, 0.0), ("b100", 20_000, 100, 0.0), ("lat", 1_000, 1, 1 / 200)]
+    return [("b1", 1_000, 1, 0.0), ("b100", 10_000, 100, 0.0), ("lat", 1_000, 1, 1 / 200)]
 
 
 @contextmanager
@@ -69,14 +69,17 @@ def _one(backend: str, side: str, pg_url: str, ph: list[Phase],
         lib_side.cleanup(backend, cfg)
 
 
-def _profiler(backend: str, pg_url: str, phase: Phase) -> Callable[[], str]:
+def _profiler(backend: str, pg_url: str, ph: list[Phase]) -> Callable[[], str]:
+    """One profile per backend (shared by its rows): 100 events one by one, then batches."""
+
     def go() -> str:
-        name, n, batch, interval = phase
-        small = (name, max(100, n // 4) if not interval else min(n, 400), batch, interval)
+        n = {p[0]: p[1] for p in ph}["b100"]
+        small = [("b1", 100, 1, 0.0), ("b100", max(1_000, n // 4), 100, 0.0)]
         d = tempfile.mkdtemp(prefix="ebbench-prof-")
         paths = (os.path.join(d, "pub.prof"), os.path.join(d, "sub.prof"))
-        _one(backend, "lib", pg_url, [small], paths)
-        return ("publisher process:\n" + load_profiles([paths[0]])
+        _one(backend, "lib", pg_url, small, paths)
+        return ("profile run: 100 events one by one, then batches of 100\n"
+                "publisher process:\n" + load_profiles([paths[0]])
                 + "\n\nsubscriber process (all threads):\n" + load_profiles([paths[1]]))
 
     return go
@@ -111,6 +114,7 @@ def _backend(backend: str, label: str, pg_url: str, ph: list[Phase], runs: int) 
             except Exception as exc:  # noqa: BLE001 - reported in the row
                 errors[side] = f"{type(exc).__name__}: {exc}"[:240]
     by_name = {p[0]: p for p in ph}
+    profiler = _profiler(backend, pg_url, ph)
     rows: list[Row] = []
     titles = {"b1": "events/s, batch 1", "b100": "events/s, batch 100"}
     for name in ("b1", "b100"):
@@ -131,7 +135,7 @@ def _backend(backend: str, label: str, pg_url: str, ph: list[Phase], runs: int) 
                         note=_notes(results, name))
         if lost:
             row.status = FAIL
-        row.profiler = _profiler(backend, pg_url, by_name[name])
+        row.profiler = profiler
         rows.append(row)
     # Latency.
     n = by_name["lat"][1]
@@ -152,7 +156,7 @@ def _backend(backend: str, label: str, pg_url: str, ph: list[Phase], runs: int) 
     row = Row(SECTION, title, f"{ms(lib50)} / {ms(lib99)}", f"{ms(raw50)} / {ms(raw99)}",
               f"p99 +{lib99 - raw99:.2f} ms", f"p99 ≤ raw + {TARGET_P99_MS:g} ms",
               PASS if ok else FAIL, _notes(results, "lat"))
-    row.profiler = _profiler(backend, pg_url, by_name["lat"])
+    row.profiler = profiler
     rows.append(row)
     return rows
 

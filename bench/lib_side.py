@@ -75,8 +75,8 @@ def cleanup(backend: str, cfg: dict[str, Any]) -> None:
         elif hasattr(provider, "drop"):
             provider.drop()
         elif backend == "nats":
-            provider._run(provider._js.delete_stream(cfg["stream"]))  # noqa: SLF001
-    except Exception:  # noqa: BLE001 - best effort; the database is dropped anyway
+            provider._run(provider._js.delete_stream(cfg["stream"]))
+    except Exception:  # noqa: BLE001, S110 - best effort; the database is dropped anyway
         pass
     finally:
         provider.close()

@@ -25,9 +25,9 @@ TYPES = [f"public.table{k}.{op}" for k in range(5) for op in ("create", "update"
 
 
 def _push(side: str, n: int, warmup: int) -> dict[str, float]:
-    from ._env import rss_bytes
-
     from sqlalchemy_eventbroker import EventSource, new_event
+
+    from ._env import rss_bytes
 
     if side == "library":
         from prometheus_client import CollectorRegistry

@@ -51,7 +51,7 @@ def cleanup(cfg: dict[str, Any]) -> None:
     async def delete(js: Any) -> None:
         try:
             await js.delete_stream(cfg["stream"])
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001, S110 - best effort cleanup
             pass
 
     asyncio.run(_with_js(cfg["url"], delete))
@@ -143,7 +143,7 @@ class _LoopReader:
             while not self.stopped:
                 try:
                     msgs = await sub.fetch(100, timeout=0.2)
-                except nats.errors.TimeoutError:
+                except (nats.errors.TimeoutError, TimeoutError):
                     continue
                 for msg in msgs:
                     on_payload(loads(msg.data)["payload"])
