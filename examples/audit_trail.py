@@ -76,24 +76,20 @@ def main(argv: list[str] | None = None) -> int:
         broker = Broker(provider=provider, mode="sync", instance_id="audit").start()
         handle = register_crud_hooks(factory, broker=broker)
 
-        with event_context(user_id=1, metadata={"request_id": "open-1"}):
-            with factory.begin() as s:
-                acct = Account(owner="ada", balance=Decimal("100.00"))
-                s.add(acct)
-        with event_context(user_id=2, metadata={"request_id": "deposit-7"}):
-            with factory.begin() as s:
-                s.get(Account, acct.id).balance += Decimal("25.50")
+        with event_context(user_id=1, metadata={"request_id": "open-1"}), factory.begin() as s:
+            acct = Account(owner="ada", balance=Decimal("100.00"))
+            s.add(acct)
+        with event_context(user_id=2, metadata={"request_id": "deposit-7"}), factory.begin() as s:
+            s.get(Account, acct.id).balance += Decimal("25.50")
         try:
-            with event_context(user_id=3, metadata={"request_id": "bad-9"}):
-                with factory.begin() as s:
-                    s.get(Account, acct.id).balance -= Decimal("1000.00")
-                    s.flush()
-                    raise ValueError("insufficient funds")      # rolled back: no audit record
+            with event_context(user_id=3, metadata={"request_id": "bad-9"}), factory.begin() as s:
+                s.get(Account, acct.id).balance -= Decimal("1000.00")
+                s.flush()
+                raise ValueError("insufficient funds")      # rolled back: no audit record
         except ValueError:
             pass
-        with event_context(user_id=1, metadata={"request_id": "close-2"}):
-            with factory.begin() as s:
-                s.delete(s.get(Account, acct.id))
+        with event_context(user_id=1, metadata={"request_id": "close-2"}), factory.begin() as s:
+            s.delete(s.get(Account, acct.id))
 
         print(f"History of accounts #{acct.id} ({type(provider).__name__}):")
         history = provider.list(EventFilter(entity="accounts"))

@@ -15,7 +15,14 @@ import sys
 import tempfile
 
 from sqlalchemy import ForeignKey, String, create_engine, delete, select, update
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    sessionmaker,
+)
 
 from sqlalchemy_eventbroker import (
     Broker,
@@ -76,10 +83,9 @@ def main() -> int:
         handle = register_crud_hooks(factory, CRUDHookConfig(), broker=broker)
 
         print("1. create a user with two orders (events are published after commit):")
-        with event_context(user_id=7, metadata={"request_id": "r-1"}):
-            with factory.begin() as s:
-                ada = User(name="ada", orders=[Order(item="book"), Order(item="pen")])
-                s.add(ada)
+        with event_context(user_id=7, metadata={"request_id": "r-1"}), factory.begin() as s:
+            ada = User(name="ada", orders=[Order(item="book"), Order(item="pen")])
+            s.add(ada)
 
         print("2. update the user (metadata.changes holds old and new):")
         with factory.begin() as s:

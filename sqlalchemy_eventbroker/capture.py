@@ -51,7 +51,8 @@ Bulk statements (``do_orm_execute``): with ``update_returning`` / ``delete_retur
 ``insert_executemany_returning`` (PostgreSQL, SQLite ≥ 3.35) the statement gets
 ``RETURNING`` of every column of its table, which yields one event per affected row in the
 same round trip; the caller gets back a result without rows whose ``rowcount`` is the number
-of affected rows. A bulk ``update`` carries the new row and ``metadata["changes"]`` with
+of affected rows. Bulk events have ``metadata["bulk"] = True``. A bulk ``update`` carries
+the new row and ``metadata["changes"]`` with
 ``{"new": ...}`` for the columns it sets (an UPDATE does not read the old values; use the unit
 of work when you need them). Without RETURNING (other dialects, joined inheritance, the ORM
 "bulk UPDATE by primary key" form with a list of dicts), events are built from the
@@ -75,10 +76,11 @@ import contextlib
 import contextvars
 import datetime as dt
 import logging
+import math
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 from sqlalchemy import event as sa_event
 from sqlalchemy import select
@@ -107,7 +109,7 @@ __all__ = ["CRUDHookConfig", "CaptureHandle", "EventContext", "event_context",
 
 log = logging.getLogger(__name__)
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 _DATABASE = EventSource.DATABASE
 _PENDING = EventStatus.PENDING
 _SCALARS = frozenset((str, int, bool, float, type(None)))
@@ -284,7 +286,7 @@ class _Target:
 
 
 def _plain_nullable(col: Any) -> bool:
-    return (isinstance(col, Column) and col.nullable and not col.primary_key
+    return bool(isinstance(col, Column) and col.nullable and not col.primary_key
             and col.server_default is None and col.server_onupdate is None
             and col.computed is None and col.identity is None)
 
@@ -301,7 +303,7 @@ def _table_rank(table: Table) -> int:
         if cached is None or cached[0] != len(md.tables):
             try:
                 order = {t: i for i, t in enumerate(md.sorted_tables)}
-            except Exception:  # a dependency cycle: SQLAlchemy warns; keep declaration order
+            except Exception:  # noqa: BLE001 - a dependency cycle: keep declaration order
                 order = {t: i for i, t in enumerate(md.tables.values())}
             cached = _ranks[id(md)] = (len(md.tables), order)
     return cached[1].get(table, 0)
@@ -312,7 +314,7 @@ def _table_rank(table: Table) -> int:
 
 def _jsonable(value: object) -> JSON:
     if type(value) in _SCALARS:
-        if type(value) is float and value != value:  # NaN: JSON cannot hold it
+        if type(value) is float and not math.isfinite(value):  # JSON cannot hold it
             return None
         return value  # type: ignore[return-value]
     try:
@@ -400,7 +402,7 @@ class CaptureHandle:
         if restore is not None:
             restore()
 
-    def __enter__(self) -> CaptureHandle:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -527,7 +529,7 @@ class _Capture:
     def _broker_or_none(self) -> Broker | None:
         try:
             return self.broker()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - capture never fails the user's work
             log.warning("eventbroker: no broker for captured events: %s", exc)
             return None
 
@@ -585,7 +587,7 @@ class _Capture:
             events = self._flush_events(session)
             if events:
                 self._stash(session, events)
-        except Exception as exc:  # never fail the user's flush
+        except Exception as exc:  # noqa: BLE001 - never fail the user's flush
             self.error(exc, "after_flush")
 
     def _flush_events(self, session: Session) -> list[Event]:
@@ -656,7 +658,7 @@ class _Capture:
                         try:
                             if known and old == v:
                                 continue
-                        except Exception:  # noqa: S110 - incomparable: count it as a change
+                        except Exception:  # noqa: BLE001, S110 - incomparable: a change
                             pass
                         changes[pk] = {"old": _jsonable(old) if known else None,
                                        "new": payload.get(pk)}
@@ -674,7 +676,8 @@ class _Capture:
                         payload[pk] = _jsonable(v)
                 if state.key is not None and t.mapper is not None:
                     for col, value in zip(t.mapper.primary_key, state.key[1], strict=False):
-                        payload.setdefault(col.key, _jsonable(value))
+                        if col.key is not None and col.key not in payload:
+                            payload[col.key] = _jsonable(value)
             events.append(self._make(t, dialect, op, payload, who, instance_id, extra))
         return events
 
@@ -700,24 +703,24 @@ class _Capture:
                 return False
             try:
                 st.outbox = bool(provider.shares_transaction(session.connection()))
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - capture never fails the user's work
                 self.error(exc, "shares_transaction", broker)
                 return False
             st.broker = broker
             if not st.outbox:
                 return False
         assert broker is not None
-        provider: Any = broker.provider
+        writer: Any = broker.provider
         conn: Connection = session.connection()
         ids = [e.id for e in events]
         try:
             broker.note_own(ids)
             if self.config.outbox_savepoint:
                 with conn.begin_nested():
-                    provider.write_in_transaction(conn, events)
+                    writer.write_in_transaction(conn, events)
             else:
-                provider.write_in_transaction(conn, events)
-        except Exception as exc:
+                writer.write_in_transaction(conn, events)
+        except Exception as exc:  # noqa: BLE001 - capture never fails the user's work
             # The savepoint rolled the failed write back; the broker stores these events (and
             # the rest of this transaction's) after commit instead.
             st.outbox = False
@@ -759,7 +762,7 @@ class _Capture:
     def _publish(self, broker: Broker, events: list[Event], stored: bool) -> None:
         try:
             broker.publish_captured(events, stored=stored)
-        except Exception as exc:  # publish_captured promises not to raise; be sure anyway
+        except Exception as exc:  # noqa: BLE001 - publish_captured never raises; be sure
             self.error(exc, "publish_captured", broker)
 
     def after_transaction_end(self, session: Session, transaction: SessionTransaction) -> None:
@@ -792,7 +795,7 @@ class _Capture:
         if ids and st.broker is not None:
             try:
                 st.broker.forget_own(ids)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - capture never fails the user's work
                 self.error(exc, "forget_own", st.broker)
 
     # -- bulk statements -------------------------------------------------------------------
@@ -803,7 +806,7 @@ class _Capture:
             return None
         try:
             plan = _BulkPlan.make(self, orm_state)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - capture never fails the user's work
             self.error(exc, "do_orm_execute")
             return None
         if plan is None:
@@ -829,7 +832,7 @@ class _Capture:
             dialect = session.get_bind(mapper=state.mapper).dialect
             event = self._make(t, dialect, "read", payload, _who(session), broker.instance_id)
             broker.publish_captured([event], stored=False)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - capture never fails the user's work
             self.error(exc, "load")
 
 
@@ -911,14 +914,14 @@ class _BulkPlan:
             try:
                 payloads = [self._user_row_payload(r) for r in frozen.data]
                 self._capture(session, payloads, orm_state)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - capture never fails the user's work
                 capture.error(exc, "do_orm_execute")
             return frozen()
         if self.how == "preselect":
             before: list[dict[str, JSON]] = []
             try:
                 before = self._preselect(session, orm_state)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - capture never fails the user's work
                 capture.error(exc, "do_orm_execute")
             result = orm_state.invoke_statement()
             if self.operation == "update":
@@ -930,10 +933,10 @@ class _BulkPlan:
                 self._capture(session, before, orm_state)
             return result
         result = orm_state.invoke_statement()
-        params = orm_state.parameters
-        rows = params if isinstance(params, list) else [params or {}]
+        params: Any = orm_state.parameters
+        given: list[Mapping[Any, Any]] = params if isinstance(params, list) else [params or {}]
         try:
-            payloads = [self._param_payload(p) for p in rows]
+            payloads = [self._param_payload(p) for p in given]
             if self.operation == "create" and not isinstance(params, list):
                 # One row: the generated key is known without RETURNING.
                 pk = getattr(result, "inserted_primary_key", None)
@@ -942,7 +945,7 @@ class _BulkPlan:
                         if v is not None:
                             payloads[0].setdefault(col.key, _jsonable(v))
             self._capture(session, payloads, orm_state)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - capture never fails the user's work
             capture.error(exc, "do_orm_execute")
         return result
 
@@ -1051,5 +1054,5 @@ class _BulkPlan:
                 events.append(capture._make(self.target, self.dialect, self.operation, payload,
                                             who, instance_id, extra))
             capture._stash(session, events)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - capture never fails the user's work
             self.capture.error(exc, "do_orm_execute")

@@ -3,6 +3,8 @@ inheritance, composite primary key, a table in an explicit schema."""
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 from sqlalchemy import ForeignKey, LargeBinary, String, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -41,7 +43,7 @@ class Employee(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(50))
     kind: Mapped[str] = mapped_column(String(20))
-    __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "employee"}
+    __mapper_args__: ClassVar[dict[str, Any]] = {"polymorphic_on": "kind", "polymorphic_identity": "employee"}
 
 
 class Engineer(Employee):
@@ -49,7 +51,7 @@ class Engineer(Employee):
 
     id: Mapped[int] = mapped_column(ForeignKey("employees.id"), primary_key=True)
     language: Mapped[str] = mapped_column(String(20))
-    __mapper_args__ = {"polymorphic_identity": "engineer"}
+    __mapper_args__: ClassVar[dict[str, Any]] = {"polymorphic_identity": "engineer"}
 
 
 class Membership(Base):
@@ -62,7 +64,7 @@ class Membership(Base):
 
 class Ledger(Base):
     __tablename__ = "ledger"
-    __table_args__ = {"schema": AUDIT_SCHEMA}
+    __table_args__: ClassVar[dict[str, Any]] = {"schema": AUDIT_SCHEMA}
 
     id: Mapped[int] = mapped_column(primary_key=True)
     note: Mapped[str] = mapped_column(String(100))

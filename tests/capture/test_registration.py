@@ -110,7 +110,7 @@ def test_default_broker__missing_never_fails_the_commit(hs: Harness) -> None:
         assert s.scalar(sa.select(User.name)) == "lost"
 
 
-def _broker():  # noqa: ANN202 - a broker that is never started: registration only
+def _broker():
     from prometheus_client import CollectorRegistry
 
     from sqlalchemy_eventbroker import Broker
