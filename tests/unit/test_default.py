@@ -456,39 +456,47 @@ CHILD = textwrap.dedent(
 
     def handler(event):
         time.sleep(0.005)  # simulated work, so that events are still queued at the signal
-        os.write(1, b"handled %d\\n" % event.payload["i"])  # one write: threads don't interleave
+        # One os.write per line: print() writes text and newline separately, and lines of
+        # different threads would interleave.
+        os.write(1, b"handled %d\\n" % event.payload["i"])
 
     default.subscribe("work.*", handler)
     if how == "previous":
         def previous(signum, frame):
-            print("previous handler", flush=True)
+            os.write(1, b"previous handler\\n")
             sys.exit(3)
         signal.signal(signal.SIGTERM, previous)
     if how != "exit":
         default.register_shutdown()
     for i in range(N):
         default.publish_async(new_event("system", "work.item", {"i": i}))
-    print("published queued=%d" % default.stats().queue_size, flush=True)
+    os.write(1, b"published queued=%d\\n" % default.stats().queue_size)
     if how == "exit":
         sys.exit(0)  # the exit hook that initialize() registered must flush
     threading.Event().wait(60)
-    print("no signal came", flush=True)
+    os.write(1, b"no signal came\\n")
     """
 )
 
 
 def run_child(tmp_path: pathlib.Path, how: str, sig: int | None, n: int = 200) -> tuple[
         int, list[str], str]:
+    """Run CHILD; after its "published" line send ``sig``; return status, stdout lines, stderr."""
     script = tmp_path / "child.py"
     script.write_text(CHILD)
+    # Unbuffered, so reading up to "published" reads no further: communicate() below reads
+    # the pipe itself and would never see lines sitting in a read-ahead buffer.
     proc = subprocess.Popen(
         [sys.executable, str(script), str(n), how],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
     )
     assert proc.stdout is not None
     lines: list[str] = []
     try:
-        for line in proc.stdout:  # the child blocks after "published", so this ends there
+        while True:  # the child blocks after "published" until signalled (or exits)
+            line = proc.stdout.readline().decode()
+            if not line:
+                break
             lines.append(line.strip())
             if line.startswith("published"):
                 break
@@ -499,8 +507,8 @@ def run_child(tmp_path: pathlib.Path, how: str, sig: int | None, n: int = 200) -
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    lines += out.splitlines()
-    return proc.returncode, lines, err
+    lines += out.decode().splitlines()
+    return proc.returncode, lines, err.decode()
 
 
 def check_all_handled(lines: list[str], n: int) -> None:
