@@ -49,7 +49,8 @@ def to_jsonable(value: object, _path: str = "payload") -> JSON:
             out[_key(k, _path)] = to_jsonable(v, f"{_path}.{k}")
         return out
     if cls is list or cls is tuple:
-        return [to_jsonable(v, f"{_path}[{i}]") for i, v in enumerate(value)]  # type: ignore[arg-type]
+        seq: list[object] | tuple[object, ...] = value  # type: ignore[assignment]
+        return [to_jsonable(v, f"{_path}[{i}]") for i, v in enumerate(seq)]
     return _convert(value, _path)
 
 
@@ -94,7 +95,7 @@ def _convert(value: object, path: str) -> JSON:
     if isinstance(value, set | frozenset):
         items = [to_jsonable(v, f"{path}[]") for v in value]
         try:
-            items.sort()  # type: ignore[type-var]
+            items.sort()  # type: ignore[type-var,unused-ignore]
         except TypeError:
             pass
         return items
