@@ -83,6 +83,7 @@ _DRIVER_ERRORS = (nats.errors.Error, asyncio.TimeoutError, TimeoutError, OSError
 _BAD_SUBJECT = re.compile(r"[\s*>]|^\.|\.\.|\.$")
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_-]")
 _UTC = dt.timezone.utc
+_ORIGIN = "Eventbroker-Origin"
 
 
 def _safe_url(url: str) -> str:
@@ -125,9 +126,23 @@ def _safe_name(text: str) -> str:
 
 
 class _NatsFanoutStream(QueueEventStream):
-    """A fan-out stream fed by one ordered consumer; ``close()`` unsubscribes it."""
+    """A fan-out stream fed by one ordered consumer; ``close()`` unsubscribes it.
+
+    The loop thread only queues the raw message body; the reader's thread parses it, so the
+    one loop thread that serves every call of the provider stays free for I/O.
+    """
 
     sub: Any = None
+
+    def receive(self, timeout: float | None = None) -> Event | None:
+        while True:
+            item: Any = super().receive(timeout)
+            if not isinstance(item, bytes):
+                return item  # type: ignore[no-any-return]
+            try:
+                return Event.from_json(item)
+            except Exception:  # noqa: BLE001 - a foreign message must not end the stream
+                log.exception("nats: unreadable message in stream %r", self.pattern)
 
 
 class _NatsDelivery:
@@ -207,12 +222,17 @@ class _NatsGroupStream:
         return await js.pull_subscribe_bind(durable=self.durable, stream=stream)
 
     def _send(self, coro: Any) -> None:
-        """Run an ack/renew/nak message on the loop; it only writes to the client's buffer."""
+        """Queue an ack/renew/nak on the loop without waiting: each is one message written
+        to the client's buffer, in order, and a lost one only means a redelivery later."""
         try:
-            with _translate_errors(self._p._address):
-                self._p._loop.run(coro, self._p.request_timeout)
-        except ProviderError as exc:
-            log.warning("nats group %s: %s", self.durable, exc)
+            future = self._p._loop.submit(coro)
+        except LoopClosed:
+            return
+        future.add_done_callback(self._log_failure)
+
+    def _log_failure(self, future: concurrent.futures.Future[Any]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            log.warning("nats group %s: %s", self.durable, future.exception())
 
     def receive(self, timeout: float | None = None) -> _NatsDelivery | None:
         deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
@@ -333,6 +353,9 @@ class NatsProvider(ProviderBase):
     """
 
     provider_type = "nats"
+    #: ``publish_many(origin=)`` tags messages and ``stream(exclude_origin=)`` skips them
+    #: unparsed, so a broker never pays for reading back its own events.
+    supports_origin = True
 
     def __init__(
         self,
@@ -598,16 +621,29 @@ class NatsProvider(ProviderBase):
         with self._lock:
             self._published += 1
 
-    def publish_many(self, events: Sequence[Event]) -> None:
-        """Publish ``events`` asynchronously and wait for all the server's acks."""
+    def publish_many(self, events: Sequence[Event], *, origin: str | None = None) -> None:
+        """Publish ``events`` asynchronously and wait for all the server's acks.
+
+        ``origin`` goes in a header, so that a stream opened with the same
+        ``exclude_origin`` skips these messages (a broker ignoring its own events).
+        """
         if not events:
             return
         subjects = [self._subject(e) for e in events]
+        headers = {_ORIGIN: origin} if origin else None
+        if len(events) == 1:
+            self._run(self._js.publish(subjects[0], events[0].to_json().encode(),
+                                       stream=self.stream_name, timeout=self.request_timeout,
+                                       headers=headers))
+            with self._lock:
+                self._published += 1
+            return
 
         async def publish_all() -> None:
             for i in range(0, len(events), self.batch_size):
                 futures = [
-                    await self._js.publish_async(s, e.to_json().encode(), stream=self.stream_name)
+                    await self._js.publish_async(s, e.to_json().encode(), stream=self.stream_name,
+                                                 headers=headers)
                     for s, e in zip(subjects[i:i + self.batch_size],
                                     events[i:i + self.batch_size], strict=True)
                 ]
@@ -617,19 +653,21 @@ class NatsProvider(ProviderBase):
         with self._lock:
             self._published += len(events)
 
-    def stream(self, pattern: str) -> _NatsFanoutStream:
-        """A fan-out stream of events published after this call returns (see module doc)."""
+    def stream(self, pattern: str, *, exclude_origin: str | None = None) -> _NatsFanoutStream:
+        """A fan-out stream of events published after this call returns (see module doc).
+
+        With ``exclude_origin``, messages published with that ``origin`` are skipped unread.
+        """
         subject = subject_filter(self.subject_prefix, pattern)
         s = _NatsFanoutStream(pattern, on_close=self._forget_stream)
+        skip = len(self.subject_prefix) + 1
 
         async def on_msg(msg: Msg) -> None:
-            try:
-                event = Event.from_json(msg.data)
-            except Exception:  # noqa: BLE001
-                log.exception("nats at %s: unreadable message on %s", self._address, msg.subject)
+            if exclude_origin is not None and msg.headers \
+                    and msg.headers.get(_ORIGIN) == exclude_origin:
                 return
-            if s.wants(event.type):
-                s._put(event)
+            if s.wants(msg.subject[skip:]):
+                s._put(msg.data)  # type: ignore[arg-type]
                 self._count_consumed(1)
 
         async def subscribe() -> Any:

@@ -485,6 +485,22 @@ class ProviderConformance:
         finally:
             stream.close()
 
+    def test_stream__exclude_origin_skips_own_events(self, provider: Provider,
+                                                     peer: Provider) -> None:
+        """Optional ``supports_origin``: a stream skips events published with its origin."""
+        if not getattr(provider, "supports_origin", False):
+            pytest.xfail(f"{type(provider).__name__} has no origin tagging; brokers filter "
+                         "their own events by id instead")
+        own = peer.stream("*", exclude_origin="broker-b")  # type: ignore[call-arg]
+        try:
+            mine, theirs = _event("public.a.create"), _event("public.b.create")
+            peer.publish_many([mine], origin="broker-b")  # type: ignore[attr-defined]
+            provider.publish_many([theirs], origin="broker-a")  # type: ignore[attr-defined]
+            got = _drain(own, 1, self.delivery_timeout) + _quiet(own, self.quiet_period)
+            assert [e.id for e in got] == [theirs.id]
+        finally:
+            own.close()
+
     def test_stream__receive_times_out_with_none(self, provider: Provider) -> None:
         """``receive(timeout)`` returns ``None`` when nothing arrives in time."""
         stream = provider.stream("*")
