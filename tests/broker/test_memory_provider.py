@@ -20,7 +20,7 @@ from sqlalchemy_eventbroker import (
 from .conftest import Waiter
 
 MakeBroker = Callable[..., Broker]
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from sqlalchemy_eventbroker import (
 )
 
 MakeBroker = Callable[..., Broker]
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 def _at(type_: str, minutes_ago: float, source: EventSource = EventSource.DATABASE) -> Event:
