@@ -1,22 +1,37 @@
 """DatabaseProvider on real PostgreSQL and SQLite: the conformance suite, then what only a
-database provider promises (gap-free commit order, outbox, audit queries, errors)."""
+database provider promises (gap-free commit order, outbox, audit queries, errors, reconnects)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import datetime as dt
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
 
+import psycopg
 import pytest
+import sqlalchemy as sa
 
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from sqlalchemy_eventbroker import EventFilter, EventStatus, matches, new_event
+from sqlalchemy_eventbroker.errors import EventValidationError, ProviderError
+from sqlalchemy_eventbroker.event import Event
+from sqlalchemy_eventbroker.providers import database
 from sqlalchemy_eventbroker.providers.database import DatabaseProvider
 
 from .conformance import ProviderConformance, ProviderFactory
 
+UTC = dt.timezone.utc
 
-def _factory(url: str, **kw: object) -> Iterator[ProviderFactory]:
+
+def _factory(url: str, **kw: Any) -> Iterator[ProviderFactory]:
     made: list[DatabaseProvider] = []
 
     def make() -> DatabaseProvider:
-        p = DatabaseProvider(url, poll_interval=0.05, **kw)  # type: ignore[arg-type]
+        p = DatabaseProvider(url, poll_interval=0.05, **kw)
         if not made:
             p.create_schema()
         made.append(p)
@@ -43,3 +58,467 @@ class TestDatabaseProviderPostgres(ProviderConformance):
     @pytest.fixture
     def provider_factory(self, postgres_url: str) -> Iterator[ProviderFactory]:
         yield from _factory(postgres_url)
+
+
+# -- helpers and fixtures ----------------------------------------------------------------------
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Item(Base):
+    __tablename__ = "items"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str]
+
+
+
+def _ev(type_: str = "public.items.create", **payload: Any) -> Event:
+    return new_event("database", type_, payload or None)
+
+
+def _until(condition: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
+def _drain(stream: Any, count: int, timeout: float = 5.0) -> list[Any]:
+    got: list[Any] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < count and (left := deadline - time.monotonic()) > 0:
+        item = stream.receive(timeout=min(left, 0.5))
+        if item is not None:
+            got.append(item)
+    return got
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """A fresh database of each kind."""
+    name = "sqlite_url" if request.param == "sqlite" else "postgres_url"
+    return str(request.getfixturevalue(name))
+
+
+@pytest.fixture
+def provider(db_url: str) -> Iterator[DatabaseProvider]:
+    with DatabaseProvider(db_url, poll_interval=0.05) as p:
+        p.create_schema()
+        yield p
+
+
+@pytest.fixture
+def pg(postgres_url: str) -> Iterator[DatabaseProvider]:
+    with DatabaseProvider(postgres_url) as p:
+        p.create_schema()
+        yield p
+
+
+# -- commit order without gaps ---------------------------------------------------------------
+
+
+def _seq_of(p: DatabaseProvider, event_id: str) -> int:
+    with p.engine.connect() as conn:
+        return int(conn.execute(sa.select(p.tables.events.c.seq).where(
+            p.tables.events.c.id == event_id)).scalar_one())
+
+
+def test_commit_order__lower_seq_committed_last_is_not_skipped(pg: DatabaseProvider) -> None:
+    """A row whose transaction commits after a higher-seq row is still delivered, once."""
+    stream = pg.stream("*")
+    slow, fast = _ev(n=1), _ev(n=2)
+    with pg.engine.connect() as c1, pg.engine.connect() as c2:
+        t1 = c1.begin()
+        pg.write_in_transaction(c1, [slow])          # takes the lower seq...
+        with c2.begin():
+            pg.write_in_transaction(c2, [fast])      # ...this one the higher, and commits first
+        assert _seq_of(pg, fast.id) > 0
+        assert stream.receive(timeout=0.5) is None   # held back: slow may still commit
+        t1.commit()
+    got = _drain(stream, 2) + _drain(stream, 1, timeout=0.3)
+    assert [e.id for e in got] == [slow.id, fast.id]
+    assert _seq_of(pg, slow.id) < _seq_of(pg, fast.id)
+
+
+def test_commit_order__held_back_row_released_when_blocker_ends_without_notify(
+    pg: DatabaseProvider,
+) -> None:
+    """A row held back by an unrelated open write transaction arrives once it ends (no NOTIFY)."""
+    stream = pg.stream("*")
+    with pg.engine.connect() as blocker:
+        tx = blocker.begin()
+        blocker.execute(sa.text("SELECT pg_current_xact_id()"))  # an older writing transaction
+        e = _ev()
+        pg.store(e)
+        assert stream.receive(timeout=0.3) is None
+        tx.commit()
+    assert [x.id for x in _drain(stream, 1)] == [e.id]
+
+
+def test_commit_order__group_does_not_skip_a_late_lower_seq(pg: DatabaseProvider) -> None:
+    """A consumer group's cursor never passes a lower-seq row that commits late."""
+    gs = pg.group_stream("*", "late", lease=5)
+    slow, fast = _ev(n=1), _ev(n=2)
+    with pg.engine.connect() as c1:
+        t1 = c1.begin()
+        pg.write_in_transaction(c1, [slow])
+        pg.store(fast)
+        assert gs.receive(timeout=0.3) is None
+        t1.commit()
+    got = _drain(gs, 2)
+    for d in got:
+        d.ack()
+    assert sorted(d.event.id for d in got) == sorted([slow.id, fast.id])
+    assert gs.receive(timeout=0.2) is None
+
+
+def test_commit_order__many_concurrent_writers_lose_nothing(pg: DatabaseProvider) -> None:
+    """Four threads committing interleaved transactions: the stream gets every row once."""
+    import threading
+
+    stream = pg.stream("*")
+    sent: list[str] = []
+    lock = threading.Lock()
+
+    def writer(k: int) -> None:
+        for i in range(40):
+            batch = [_ev(w=k, i=i, j=j) for j in range(3)]
+            with pg.engine.begin() as conn:
+                pg.write_in_transaction(conn, batch)
+            with lock:
+                sent.extend(e.id for e in batch)
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    got = _drain(stream, len(sent), timeout=10) + _drain(stream, 1, timeout=0.3)
+    assert Counter(e.id for e in got) == Counter(sent)
+    per_writer: dict[int, list[int]] = {}
+    for e in got:
+        per_writer.setdefault(e.payload["w"], []).append(e.payload["i"] * 3 + e.payload["j"])
+    assert all(v == sorted(v) for v in per_writer.values())  # each writer's commit order
+
+
+# -- transactional outbox ----------------------------------------------------------------------
+
+
+def test_outbox__one_statement_per_call_and_rollback_leaves_nothing(
+    provider: DatabaseProvider,
+) -> None:
+    """``write_in_transaction`` is one statement; a rollback takes the rows with it."""
+    stream = provider.stream("*")
+    events = [_ev(i=i) for i in range(50)]
+    statements: list[str] = []
+    with provider.engine.connect() as conn:
+        sa.event.listen(conn, "before_cursor_execute",
+                        lambda *a: statements.append(a[2]))
+        tx = conn.begin()
+        provider.write_in_transaction(conn, events)
+        tx.rollback()
+    assert len(statements) == 1
+    assert provider.list(EventFilter()) == []
+    assert stream.receive(timeout=0.3) is None
+    with provider.engine.begin() as conn:
+        provider.write_in_transaction(conn, events)
+    got = _drain(stream, 50)
+    assert [e.id for e in got] == [e.id for e in events]
+    provider.publish_many(events)  # the broker may still call publish: nothing travels twice
+    assert stream.receive(timeout=0.3) is None
+
+
+def test_outbox__data_and_events_commit_together(provider: DatabaseProvider) -> None:
+    """An ORM session's data row and its event rows commit in the same transaction."""
+    Base.metadata.create_all(provider.engine)
+    with Session(provider.engine) as s, s.begin():
+        s.add(Item(name="ada"))
+        s.flush()
+        assert provider.shares_transaction(s.connection())
+        provider.write_in_transaction(s.connection(), [_ev("public.items.create", name="ada")])
+    with Session(provider.engine) as s:
+        s.add(Item(name="bob"))
+        s.flush()
+        provider.write_in_transaction(s.connection(), [_ev("public.items.create", name="bob")])
+        s.rollback()
+    assert [e.payload for e in provider.list(EventFilter())] == [{"name": "ada"}]
+    with Session(provider.engine) as s:
+        assert [i.name for i in s.query(Item)] == ["ada"]
+    Base.metadata.drop_all(provider.engine)
+
+
+def test_outbox__one_notify_per_transaction(pg: DatabaseProvider) -> None:
+    """Three flushes in one transaction wake a listener once, with the table name as hint."""
+    cargs = pg.engine.url.translate_connect_args(username="user", database="dbname")
+    with psycopg.connect(**cargs, autocommit=True) as listen:
+        listen.execute(f'LISTEN "{pg.channel}"')
+        with pg.engine.begin() as conn:
+            for i in range(3):
+                pg.write_in_transaction(conn, [_ev(i=i), _ev(i=i)])
+        got = list(listen.notifies(timeout=0.5))
+    assert [(n.channel, n.payload) for n in got] == [(pg.channel, pg.table_name)]
+
+
+def test_shares_transaction__same_database_only(db_url: str, provider: DatabaseProvider,
+                                                tmp_path: Any) -> None:
+    """True for the provider's engine and another engine on the same database, else False."""
+    other_same = sa.create_engine(db_url)
+    other_db = sa.create_engine(f"sqlite:///{tmp_path}/other.db")
+    try:
+        with provider.engine.connect() as c:
+            assert provider.shares_transaction(c)
+        with other_same.connect() as c:
+            assert provider.shares_transaction(c)
+        with other_db.connect() as c:
+            assert not provider.shares_transaction(c)
+    finally:
+        other_same.dispose()
+        other_db.dispose()
+
+
+# -- store, publish, copies ---------------------------------------------------------------------
+
+
+def test_publish__again_travels_again(provider: DatabaseProvider) -> None:
+    """Publishing a stored, already delivered event (a redrive) delivers it again; stored once."""
+    stream = provider.stream("*")
+    e = _ev()
+    provider.store(e)
+    provider.publish(e)
+    assert [x.id for x in _drain(stream, 1)] == [e.id]
+    e.status = EventStatus.PENDING
+    provider.publish(e)
+    assert [x.id for x in _drain(stream, 1)] == [e.id]
+    assert [x.id for x in provider.list(EventFilter())] == [e.id]
+
+
+def test_store__mutating_payload_afterwards_is_not_seen(provider: DatabaseProvider) -> None:
+    """Nested payload and metadata are copied at ``store`` time."""
+    e = new_event("database", "public.t.create", {"a": [1, {"b": 2}]}, metadata={"m": {"x": 1}})
+    provider.store(e)
+    e.payload["a"][1]["b"] = 99  # type: ignore[index]
+    e.metadata["m"]["x"] = 99  # type: ignore[index]
+    got = provider.get(e.id)
+    assert got is not None and got.payload == {"a": [1, {"b": 2}]}
+    assert got.metadata == {"m": {"x": 1}}
+
+
+def test_store__non_uuid_id_on_postgres__validation_error(pg: DatabaseProvider) -> None:
+    """PostgreSQL stores ids as ``uuid``: another id is refused, naming the field."""
+    e = _ev()
+    e.id = "not-a-uuid"
+    with pytest.raises(EventValidationError, match="event.id"):
+        pg.store(e)
+    assert pg.get("not-a-uuid") is None
+
+
+def test_close__later_calls_raise_provider_error(db_url: str) -> None:
+    """After ``close()`` the provider refuses work with a clear error."""
+    p = DatabaseProvider(db_url)
+    p.create_schema()
+    p.close()
+    with pytest.raises(ProviderError, match="closed"):
+        p.store(_ev())
+
+
+# -- audit: list, iterate, purge ----------------------------------------------------------------
+
+TYPES = ["public.users.create", "public.users.delete", "public.orders.create",
+         "auth.sessions.create", "public.users.create.extra", "ui", "a.b.x.c", "a.x.c",
+         "public.us_rs.create", "public.users%.create"]
+
+
+@pytest.mark.parametrize("pattern", [
+    "*", "ui", "public.users.*", "*.*.create", "public.**", "*.x.**", "a.**", "*.b.*.*",
+    "public.us_rs.*", "public.users%.*", "nothing.*",
+])
+def test_list__type_pattern_in_sql_matches_the_pattern_rules(
+    provider: DatabaseProvider, pattern: str
+) -> None:
+    """``type_pattern`` selects exactly what ``matches`` selects, with limit/offset after it."""
+    base = dt.datetime(2024, 1, 1, tzinfo=UTC)
+    events = []
+    for i, t in enumerate(TYPES * 2):
+        e = _ev(t, i=i)
+        e.created_at = base + dt.timedelta(seconds=i)
+        events.append(e)
+    provider.store_many(events)
+    expected = [e.id for e in events if matches(pattern, e.type)]
+    assert [e.id for e in provider.list(EventFilter(type_pattern=pattern))] == expected
+    paged = provider.list(EventFilter(type_pattern=pattern, offset=1, limit=3))
+    assert [e.id for e in paged] == expected[1:4]
+
+
+def test_list__type_pattern_uses_the_type_index(pg: DatabaseProvider) -> None:
+    """On PostgreSQL a ``prefix.*`` pattern is an index range scan ("C" collation)."""
+    t = pg.tables.events
+    clause, exact = pg._pattern_clause("public.users.*")
+    assert exact and clause is not None
+    stmt = sa.select(t.c.seq).where(clause)
+    sql = str(stmt.compile(pg.engine, compile_kwargs={"literal_binds": True}))
+    with pg.engine.begin() as conn:
+        conn.execute(sa.text("SET LOCAL enable_seqscan = off"))
+        plan = "\n".join(r[0] for r in conn.execute(sa.text("EXPLAIN " + sql)))
+    assert "ix_events_type" in plan
+
+
+def test_list__every_field_filters(provider: DatabaseProvider) -> None:
+    """source, status, user, schema/entity/operation, instance and time combine with AND."""
+    base = dt.datetime(2024, 1, 1, tzinfo=UTC)
+    a = new_event("database", "public.users.create", user_id=1, instance_id="i1")
+    b = new_event("system", "public.users.delete", user_id=2, instance_id="i2")
+    c = new_event("database", "auth.sessions.create", user_id=1, instance_id="i1")
+    for i, e in enumerate((a, b, c)):
+        e.created_at = base + dt.timedelta(minutes=i)
+    provider.store_many([a, b, c])
+    provider.update_status(b.id, EventStatus.FAILED, "x")
+
+    def ids(**kw: Any) -> list[str]:
+        return [e.id for e in provider.list(EventFilter(**kw))]
+
+    assert ids(source="database") == [a.id, c.id]
+    assert ids(status=EventStatus.FAILED) == [b.id]
+    assert ids(user_id=1, schema="auth") == [c.id]
+    assert ids(entity="users", operation="create") == [a.id]
+    assert ids(instance_id="i2") == [b.id]
+    assert ids(start_time=base + dt.timedelta(minutes=1)) == [b.id, c.id]
+    assert ids(end_time=base + dt.timedelta(minutes=1), type_pattern="public.**") == [a.id]
+
+
+def test_iter_events__pages_in_order(provider: DatabaseProvider) -> None:
+    """``iter_events`` reads page by page and yields what ``list`` returns, in order."""
+    base = dt.datetime(2024, 1, 1, tzinfo=UTC)
+    events = []
+    for i in range(25):
+        e = _ev(i=i)
+        e.created_at = base + dt.timedelta(seconds=i // 2)  # ties broken by seq
+        events.append(e)
+    provider.store_many(events)
+    assert [e.id for e in provider.iter_events(page_size=4)] == [e.id for e in events]
+    flt = EventFilter(offset=5, limit=9)
+    assert [e.id for e in provider.iter_events(flt, page_size=4)] == [e.id for e in events[5:14]]
+
+
+def test_purge__removes_finished_events_older_than(provider: DatabaseProvider) -> None:
+    """Only events in the given statuses whose finish (or creation) is older go."""
+    old = dt.datetime.now(UTC) - dt.timedelta(days=2)
+    done_old, done_new, pending_old = _ev(), _ev(), _ev()
+    pending_old.created_at = old
+    provider.store_many([done_old, done_new, pending_old])
+    provider.update_status(done_old.id, EventStatus.COMPLETED)
+    provider.update_status(done_new.id, EventStatus.COMPLETED)
+    with provider.engine.begin() as conn:
+        t = provider.tables.events
+        conn.execute(t.update().where(t.c.id == done_old.id).values(completed_at=old))
+    assert provider.purge(dt.timedelta(days=1), batch_size=1) == 1
+    assert provider.get(done_old.id) is None and provider.get(done_new.id) is not None
+    assert provider.purge(3600.0, statuses=None) == 1          # the old pending one
+    assert [e.id for e in provider.list(EventFilter())] == [done_new.id]
+
+
+# -- groups ---------------------------------------------------------------------------------
+
+
+def test_group__starts_at_the_tail_when_first_opened(provider: DatabaseProvider) -> None:
+    """Events stored before a group existed are not delivered to it; later ones are."""
+    provider.store(_ev())
+    gs = provider.group_stream("*", "tail", lease=5)
+    assert gs.receive(timeout=0.2) is None
+    e = _ev()
+    provider.store(e)
+    d = gs.receive(timeout=5)
+    assert d is not None and d.event.id == e.id
+    d.ack()
+
+
+def test_group__purged_event_is_skipped(provider: DatabaseProvider) -> None:
+    """A claim whose event was deleted meanwhile is dropped, not delivered as nothing."""
+    gs = provider.group_stream("*", "purged", lease=5)
+    gone, kept = _ev(), _ev()
+    provider.store_many([gone, kept])
+    provider._fill(gs)
+    provider.delete(gone.id)
+    d = gs.receive(timeout=5)
+    assert d is not None and d.event.id == kept.id
+    d.ack()
+    assert gs.receive(timeout=0.2) is None
+
+
+# -- PostgreSQL delivery: listener, reconnect, self-test ---------------------------------------
+
+
+def _terminate_listener(p: DatabaseProvider) -> None:
+    pid = p.stats().provider_specific["listener_pid"]
+    assert pid
+    with p.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid}).scalar()
+
+
+def test_listener__terminated_connection_loses_and_repeats_nothing(pg: DatabaseProvider) -> None:
+    """``pg_terminate_backend`` on the LISTEN connection: every event still arrives once."""
+    stream = pg.stream("*")
+    _until(lambda: pg.stats().provider_specific["listener"] == "notify", what="LISTEN")
+    sent: list[str] = []
+    for round_ in range(3):
+        batch = [_ev(r=round_, i=i) for i in range(20)]
+        pg.store_many(batch[:10])
+        _terminate_listener(pg)
+        pg.store_many(batch[10:])  # committed while the listener is away
+        sent += [e.id for e in batch]
+        _until(lambda: pg.stats().provider_specific["listener_pid"] is not None, what="reconnect")
+    got = _drain(stream, len(sent), timeout=10) + _drain(stream, 1, timeout=0.3)
+    assert [e.id for e in got] == sent
+    assert pg.stats().provider_specific["listener_reconnects"] >= 3
+
+
+def test_listener__failed_self_test_falls_back_to_polling(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A LISTEN connection that never hears itself logs a warning; events arrive by polling."""
+    monkeypatch.setattr(database._Listener, "_send_selftest", lambda self, conn, token: None)
+    with DatabaseProvider(postgres_url, poll_interval=0.05, selftest_timeout=0.2) as p, \
+            caplog.at_level(logging.WARNING, logger=database.__name__):
+        p.create_schema()
+        stream = p.stream("*")
+        _until(lambda: p.stats().provider_specific["listener"] == "poll", what="poll mode")
+        assert "falling back to polling" in caplog.text
+        e = _ev()
+        p.store(e)
+        assert [x.id for x in _drain(stream, 1)] == [e.id]
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+
+def test_errors__unreachable_server_names_address() -> None:
+    """A closed port: ``ProviderError`` says unreachable and names host and port."""
+    with pytest.raises(ProviderError, match=r"127\.0\.0\.1:1.*unreachable"):
+        DatabaseProvider("postgresql+psycopg://u:secret@127.0.0.1:1/x", connect_timeout=2)
+
+
+def test_errors__unknown_user_is_a_credentials_error(postgres_server_url: str) -> None:
+    """A user the server does not know: ``ProviderError`` says wrong credentials."""
+    url = sa.make_url(postgres_server_url).set(username="no_such_user_eb", password="pw")
+    with pytest.raises(ProviderError, match="wrong credentials") as info:
+        DatabaseProvider(url)
+    assert "pw@" not in str(info.value)
+
+
+def test_errors__missing_database_says_create_it(postgres_server_url: str) -> None:
+    """A database that does not exist: the message says so."""
+    url = sa.make_url(postgres_server_url).set(database="no_such_db_eb")
+    with pytest.raises(ProviderError, match="database does not exist"):
+        DatabaseProvider(url)
+
+
+def test_errors__missing_table_says_run_the_migrations(db_url: str) -> None:
+    """Without the table, operations raise ``ProviderError`` telling how to create it."""
+    with DatabaseProvider(db_url) as p:
+        with pytest.raises(ProviderError, match="run the migrations: python -m "
+                                                "sqlalchemy_eventbroker.migrate upgrade"):
+            p.store(_ev())
+        with pytest.raises(ProviderError, match="create_schema"):
+            p.stream("*")
