@@ -103,6 +103,7 @@ class _Job:
     slot: threading.BoundedSemaphore | None = None
     attempts: dict[str, int] = field(default_factory=dict)
     failures: list[tuple[str, BaseException]] = field(default_factory=list)
+    last_errors: dict[str, BaseException] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -787,11 +788,18 @@ class Broker:
         assert pool is not None
         finished = 0
         for sub in subs:
+            if not sub.active and sub.group is None and sub.id in job.last_errors:
+                # Unsubscribed while its retry waited: its last failure is final, as in sync mode.
+                with job.lock:
+                    job.failures.append((sub.id, job.last_errors[sub.id]))
+                finished += 1
+                continue
             exc = self._call(sub, job.event)
             if exc is None:
                 finished += 1
                 continue
             with job.lock:
+                job.last_errors[sub.id] = exc
                 attempt = job.attempts.get(sub.id, 0) + 1
                 job.attempts[sub.id] = attempt
                 retry = attempt <= self.retry_policy.max_retries and (
