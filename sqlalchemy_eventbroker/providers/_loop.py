@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -125,9 +126,7 @@ class LoopThread:
             if tasks:
                 await asyncio.wait(tasks, timeout=timeout)
 
-        try:
+        with contextlib.suppress(Exception):  # best effort; the loop is stopped below anyway
             asyncio.run_coroutine_threadsafe(_cancel_all(), self._loop).result(timeout + 1)
-        except Exception:  # noqa: BLE001 - best effort; stopping the loop below still happens
-            pass
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout + 1)

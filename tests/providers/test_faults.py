@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
 
@@ -141,7 +141,7 @@ class _Load:
                 time.sleep(0.02)
             time.sleep(0.003)
 
-    def __enter__(self) -> _Load:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -186,7 +186,7 @@ class _Collector:
             if e is not None:
                 self.fanout_ids.append(e.id)
 
-    def __enter__(self) -> _Collector:
+    def __enter__(self) -> Self:
         for t in self._threads:
             t.start()
         return self
@@ -228,15 +228,15 @@ def test_nats_restart__every_acknowledged_publish_is_delivered(nats_server: _Ser
 
     url = f"nats://127.0.0.1:{nats_server.port}"
     with NatsProvider(url, stream_name="FAULTS", storage="file", request_timeout=1.0,
-                      reconnect_wait=0.1, block=0.5) as provider:
-        with _Collector(provider, lease=2.0) as collector:
-            with _Load(provider) as load:
-                # Down longer than request_timeout, so that some publishes do fail.
-                killed, _ = _kill_and_restart(nats_server, load, down=2.0)
-            acknowledged = {eid for _, eid in load.ok}
-            assert load.failed > 0, "the outage should have made some publishes fail"
-            assert load.ids_after(killed), "publishing should have resumed after the restart"
-            collector.wait_for(acknowledged, timeout=20)
+                      reconnect_wait=0.1, block=0.5) as provider, \
+            _Collector(provider, lease=2.0) as collector:
+        with _Load(provider) as load:
+            # Down longer than request_timeout, so that some publishes do fail.
+            killed, _ = _kill_and_restart(nats_server, load, down=2.0)
+        acknowledged = {eid for _, eid in load.ok}
+        assert load.failed > 0, "the outage should have made some publishes fail"
+        assert load.ids_after(killed), "publishing should have resumed after the restart"
+        collector.wait_for(acknowledged, timeout=20)
 
 
 def test_nats_unreachable__provider_error_names_the_address() -> None:
@@ -265,7 +265,7 @@ def test_redis_restart_with_aof__every_acknowledged_publish_is_delivered(
                        connect_timeout=0.5) as provider:
         with _Collector(provider, lease=2.0) as collector:
             with _Load(provider) as load:
-                killed, _ = _kill_and_restart(server, load)
+                _killed, _ = _kill_and_restart(server, load)
             acknowledged = {eid for _, eid in load.ok}
             assert load.failed > 0
             collector.wait_for(acknowledged, timeout=20)
