@@ -53,7 +53,7 @@ from sqlalchemy_eventbroker.testing import EventRecorder
 
 __all__ = ["ProviderConformance"]
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 ProviderFactory = Callable[[], Provider]
 
 
