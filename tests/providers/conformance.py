@@ -815,6 +815,20 @@ class ProviderConformance:
         p.close()
         p.close()
 
+    def test_close__leaves_no_threads(self, provider_factory: ProviderFactory) -> None:
+        """After ``close()``, no thread the provider started is still running."""
+        before = set(threading.enumerate())
+        p = provider_factory()
+        stream = p.stream("*")
+        group = p.group_stream("*", "threads", lease=self.lease) if self.supports_groups else None
+        p.publish(_event())
+        _drain(stream, 1, self.delivery_timeout)
+        if group is not None:
+            group.close()
+        p.close()
+        _wait(lambda: not [t for t in threading.enumerate() if t not in before and t.is_alive()],
+              5, "the provider's threads to end")
+
     def test_restart__stored_events_survive(self, provider_factory: ProviderFactory) -> None:
         """A new provider object on the same backend still has what was stored."""
         self.lacks("durable_across_restart", "state lives in the provider object")
