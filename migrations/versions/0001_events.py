@@ -108,7 +108,6 @@ def upgrade(table_name: str = "events") -> None:
         sa.Column("token", sa.String(32), nullable=False),
         sa.Column("deliveries", sa.Integer(), nullable=False),
     )
-    op.create_index(f"ix_{t}_claims_lease", f"{t}_claims", ["group_id", "lease_until"])
 
 
 def downgrade(table_name: str = "events") -> None:

@@ -172,7 +172,8 @@ def build_tables(
         sa.Column("lease_until", sa.Double(), nullable=False),
         sa.Column("token", sa.String(32), nullable=False),
         sa.Column("deliveries", sa.Integer(), nullable=False),
-        sa.Index(f"ix_{t}_claims_lease", "group_id", "lease_until"),
+        # No index on lease_until: members scan the primary key (group_id, seq) in order and
+        # stop at the first free claim, and lease updates stay HOT (no index entry changes).
     )
     return EventTables(md, events, groups, claims)
 

@@ -262,6 +262,7 @@ class DatabaseProvider(ProviderBase):
         self._stored_unpublished: dict[str, None] = {}
         self._share_cache: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
         self._pg_insert_sql = self._build_pg_insert() if self.is_postgres else None
+        self._build_group_sql()
         self._ping()
 
     # -- construction ------------------------------------------------------------------
@@ -933,68 +934,85 @@ class DatabaseProvider(ProviderBase):
                 conn.execute(g.insert().values(**values))
             return int(conn.execute(sa.select(g.c.id).where(*where)).scalar_one())
 
-    def _now_sql(self) -> sa.ColumnElement[float]:
+    def _build_group_sql(self) -> None:
+        """The claim/ack/renew statements, built once: each call only binds parameters, so
+        SQLAlchemy reuses the compiled form (these run once or twice per delivered event)."""
+        c, t = self.tables.claims, self._t
+        gid = sa.bindparam("p_gid", type_=sa.Integer())
+        seq = sa.bindparam("p_seq", type_=sa.BigInteger())
+        lease = sa.bindparam("p_lease", type_=sa.Double())
+        token = sa.bindparam("p_token", type_=sa.String())
         if self.is_postgres:
-            return sa.func.extract("epoch", sa.func.clock_timestamp())  # the database's clock
-        return sa.literal(time.time(), sa.Double())
+            now: sa.ColumnElement[Any] = sa.func.extract("epoch", sa.func.clock_timestamp())
+            fast = [self._async_commit()]
+            pick = (
+                sa.select(c.c.group_id, c.c.seq)
+                .where(c.c.group_id == gid, c.c.lease_until <= now, *fast)
+                .order_by(c.c.seq)
+                .limit(1)
+                .with_for_update(skip_locked=True, of=c)
+                .cte("pick")
+            )
+            claimed = (
+                c.update()
+                .where(c.c.group_id == pick.c.group_id, c.c.seq == pick.c.seq)
+                .values(lease_until=now + lease, token=token, deliveries=c.c.deliveries + 1)
+                .returning(c.c.seq)
+                .cte("claimed")
+            )
+            self._sql_claim = sa.select(claimed.c.seq, *self._cols).select_from(
+                claimed.outerjoin(t, t.c.seq == claimed.c.seq)
+            )
+        else:
+            now = sa.bindparam("p_now", type_=sa.Double())
+            fast = []
+            self._sql_pick = (
+                sa.select(c.c.seq)
+                .where(c.c.group_id == gid, c.c.lease_until <= now)
+                .order_by(c.c.seq)
+                .limit(1)
+            )
+            self._sql_take = (
+                c.update()
+                .where(c.c.group_id == gid, c.c.seq == seq, c.c.lease_until <= now)
+                .values(lease_until=now + lease, token=token, deliveries=c.c.deliveries + 1)
+            )
+            self._sql_event_at = sa.select(*self._cols).where(t.c.seq == seq)
+        self._sql_ack = c.delete().where(c.c.group_id == gid, c.c.seq == seq, *fast)
+        self._sql_renew = (
+            c.update()
+            .where(c.c.group_id == gid, c.c.seq == seq, c.c.token == token, *fast)
+            .values(lease_until=now + lease)
+        )
 
     def _claim(self, stream: _DbGroupStream) -> _DbDelivery | None:
         """Lease the oldest free (or expired) claim of the group, with its event."""
-        c, t = self.tables.claims, self._t
-        token = uuid.uuid4().hex
-        now = self._now_sql()
+        params: dict[str, Any] = {
+            "p_gid": stream.group_id, "p_lease": stream.lease, "p_token": uuid.uuid4().hex,
+        }
         while True:
-            with self._errors(), self._serial, self.engine.begin() as conn:
+            with self._errors(), self._serial, self._group_conn() as conn:
                 if self.is_postgres:
-                    pick = (
-                        sa.select(c.c.group_id, c.c.seq)
-                        .where(c.c.group_id == stream.group_id, c.c.lease_until <= now)
-                        .order_by(c.c.seq)
-                        .limit(1)
-                        .with_for_update(skip_locked=True)
-                        .cte("pick")
-                    )
-                    claimed = (
-                        c.update()
-                        .where(c.c.group_id == pick.c.group_id, c.c.seq == pick.c.seq)
-                        .values(lease_until=now + stream.lease, token=token,
-                                deliveries=c.c.deliveries + 1)
-                        .returning(c.c.seq)
-                        .cte("claimed")
-                    )
-                    row = conn.execute(
-                        sa.select(claimed.c.seq, *self._cols)
-                        .select_from(claimed.outerjoin(t, t.c.seq == claimed.c.seq))
-                    ).first()
+                    row = conn.execute(self._sql_claim, params).first()
                     if row is None:
                         return None
                     seq, event_row = int(row[0]), row[1:]
                 else:
-                    seq = conn.execute(
-                        sa.select(c.c.seq)
-                        .where(c.c.group_id == stream.group_id, c.c.lease_until <= now)
-                        .order_by(c.c.seq)
-                        .limit(1)
-                    ).scalar()
+                    params["p_now"] = time.time()
+                    seq = conn.execute(self._sql_pick, params).scalar()
                     if seq is None:
                         return None
                     # Compare-and-set: another member may have taken it since.
-                    won = conn.execute(
-                        c.update()
-                        .where(c.c.group_id == stream.group_id, c.c.seq == seq, c.c.lease_until <= now)
-                        .values(lease_until=now + stream.lease, token=token,
-                                deliveries=c.c.deliveries + 1)
-                    ).rowcount
-                    if not won:
+                    if not conn.execute(self._sql_take, {**params, "p_seq": seq}).rowcount:
                         continue
-                    event_row = conn.execute(sa.select(*self._cols).where(t.c.seq == seq)).first()
+                    event_row = conn.execute(self._sql_event_at, {"p_seq": seq}).first()
                 if event_row is None or event_row[0] is None:
                     # The event was deleted or purged meanwhile: nothing left to deliver.
-                    conn.execute(c.delete().where(c.c.group_id == stream.group_id, c.c.seq == seq))
+                    conn.execute(self._sql_ack, {"p_gid": stream.group_id, "p_seq": seq})
                     continue
             with self._lock:
                 self._consumed += 1
-            return _DbDelivery(_row_event(event_row), stream, seq, token)
+            return _DbDelivery(_row_event(event_row), stream, seq, params["p_token"])
 
     def _fill(self, stream: _DbGroupStream) -> tuple[int, bool]:
         """Advance the group's cursor by one page, adding a claim per matching event.
@@ -1055,22 +1073,41 @@ class DatabaseProvider(ProviderBase):
         return len(claims), held or len(rows) == limit
 
     def _ack(self, delivery: _DbDelivery) -> None:
-        c = self.tables.claims
-        with self._errors(), self._serial, self.engine.begin() as conn:
-            conn.execute(c.delete().where(c.c.group_id == delivery.stream.group_id,
-                                          c.c.seq == delivery.seq))
+        with self._errors(), self._serial, self._group_conn() as conn:
+            conn.execute(self._sql_ack, {"p_gid": delivery.stream.group_id, "p_seq": delivery.seq})
 
     def _renew(self, delivery: _DbDelivery) -> bool:
-        c = self.tables.claims
-        now = self._now_sql()
-        with self._errors(), self._serial, self.engine.begin() as conn:
-            n = conn.execute(
-                c.update()
-                .where(c.c.group_id == delivery.stream.group_id, c.c.seq == delivery.seq,
-                       c.c.token == delivery.token)
-                .values(lease_until=now + delivery.stream.lease)
-            ).rowcount
-        return bool(n)
+        params: dict[str, Any] = {"p_gid": delivery.stream.group_id, "p_seq": delivery.seq,
+                  "p_token": delivery.token, "p_lease": delivery.stream.lease}
+        if not self.is_postgres:
+            params["p_now"] = time.time()
+        with self._errors(), self._serial, self._group_conn() as conn:
+            return bool(conn.execute(self._sql_renew, params).rowcount)
+
+    @contextmanager
+    def _group_conn(self) -> Iterator[Connection]:
+        """A connection for claim/ack/renew. PostgreSQL: autocommit, one statement each;
+        elsewhere one transaction (SQLite's claim is a compare-and-set of two statements)."""
+        if self.is_postgres:
+            with self.engine.connect() as conn:
+                yield conn.execution_options(isolation_level="AUTOCOMMIT")
+        else:
+            with self.engine.begin() as conn:
+                yield conn
+
+    @staticmethod
+    def _async_commit() -> sa.ColumnElement[bool]:
+        """``synchronous_commit = off`` for the statement's own (autocommit) transaction.
+
+        Claims, acks and lease renewals need not wait for the WAL flush: if the server
+        crashes before it, the claim or ack is simply undone and the event delivered again,
+        which at-least-once allows. Set in the statement itself (``set_config(..., true)``),
+        so it costs no round trip and never leaks into the pooled session.
+        """
+        # An uncorrelated scalar subquery: evaluated once, before the scan (an InitPlan).
+        return sa.select(
+            sa.func.set_config("synchronous_commit", "off", True)
+        ).scalar_subquery().is_not(None)
 
     # -- closing -----------------------------------------------------------------------
 

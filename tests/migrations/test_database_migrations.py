@@ -1,0 +1,163 @@
+"""The Alembic migrations of the database provider: they build exactly the model's tables,
+keep their own version table, drop everything on ``downgrade base``, and run from a wheel."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+
+import sqlalchemy_eventbroker
+from sqlalchemy_eventbroker.providers import _db_schema
+from sqlalchemy_eventbroker.providers.database import DatabaseProvider, downgrade, upgrade
+
+TABLES = {"events", "events_groups", "events_claims"}
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """A fresh, empty database of each kind."""
+    name = "sqlite_url" if request.param == "sqlite" else "postgres_url"
+    return str(request.getfixturevalue(name))
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[sa.Engine]:
+    e = sa.create_engine(db_url)
+    yield e
+    e.dispose()
+
+
+def _diff(engine: sa.Engine, table_name: str = "events") -> list[object]:
+    tables = _db_schema.build_tables(table_name, engine.dialect.name)
+    names = set(tables.metadata.tables)
+    with engine.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={
+            "compare_type": True,
+            "compare_server_default": True,
+            "include_name": lambda name, kind, parent: kind != "table" or name in names,
+        })
+        return list(compare_metadata(ctx, tables.metadata))
+
+
+def _tables(engine: sa.Engine) -> set[str]:
+    return set(sa.inspect(engine).get_table_names())
+
+
+def test_upgrade_head__schema_equals_the_model(engine: sa.Engine, db_url: str) -> None:
+    """After ``upgrade head`` Alembic's autogenerate comparison finds no difference."""
+    upgrade(db_url)
+    assert TABLES <= _tables(engine)
+    assert _diff(engine) == []
+
+
+def test_upgrade_head__uses_its_own_version_table(engine: sa.Engine, db_url: str) -> None:
+    """The revision is recorded in ``eventbroker_alembic_version``, never ``alembic_version``."""
+    upgrade(db_url)
+    assert "alembic_version" not in _tables(engine)
+    with engine.connect() as conn:
+        version = conn.execute(sa.text("SELECT version_num FROM eventbroker_alembic_version"))
+        assert version.scalar_one() == _db_schema.HEAD_REVISION
+
+
+def test_downgrade_base__drops_the_tables(engine: sa.Engine, db_url: str) -> None:
+    """``downgrade base`` removes every table the migrations created."""
+    upgrade(db_url)
+    downgrade(db_url)
+    assert not (TABLES & _tables(engine))
+
+
+def test_comparison__detects_a_drifted_model(engine: sa.Engine, db_url: str) -> None:
+    """The comparison is not vacuous: a model with an extra index shows a difference."""
+    upgrade(db_url)
+    tables = _db_schema.build_tables("events", engine.dialect.name)
+    sa.Index("ix_events_extra", tables.events.c.user_id)
+    with engine.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={
+            "include_name": lambda n, k, p: k != "table" or n in tables.metadata.tables})
+        assert compare_metadata(ctx, tables.metadata)
+
+
+def test_table_name__own_tables_and_version_table(engine: sa.Engine, db_url: str) -> None:
+    """A second events table migrates independently, next to the default one."""
+    upgrade(db_url)
+    upgrade(db_url, table_name="audit")
+    assert {"audit", "audit_groups", "audit_claims",
+            "eventbroker_alembic_version_audit"} <= _tables(engine)
+    assert _diff(engine, "audit") == []
+    downgrade(db_url, table_name="audit")
+    assert "audit" not in _tables(engine) and "events" in _tables(engine)
+
+
+def test_create_schema__stamped_so_upgrade_is_a_no_op(engine: sa.Engine, db_url: str) -> None:
+    """``create_schema()`` then ``upgrade head``: nothing is created twice, no difference."""
+    with DatabaseProvider(db_url) as p:
+        p.create_schema()
+    upgrade(db_url)
+    assert _diff(engine) == []
+
+
+def test_head_revision__constant_matches_the_scripts() -> None:
+    """``HEAD_REVISION`` (stamped by ``create_schema``) is the scripts' head."""
+    script = ScriptDirectory.from_config(_db_schema.alembic_config("sqlite://"))
+    assert script.get_current_head() == _db_schema.HEAD_REVISION
+
+
+def test_migrate_module__one_liner_creates_the_tables(engine: sa.Engine, db_url: str) -> None:
+    """``python -m sqlalchemy_eventbroker.migrate upgrade --url URL`` migrates that database."""
+    run = subprocess.run(
+        [sys.executable, "-m", "sqlalchemy_eventbroker.migrate", "upgrade", "--url", db_url],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    assert TABLES <= _tables(engine)
+    with DatabaseProvider(db_url) as p:  # and the provider is happy with it
+        p.store(sqlalchemy_eventbroker.new_event("database", "public.t.create"))
+
+
+def test_migrate_module__bad_url_exits_non_zero_with_a_message() -> None:
+    """A database that cannot be reached: exit status 1 and a one-line error, no traceback."""
+    run = subprocess.run(
+        [sys.executable, "-m", "sqlalchemy_eventbroker.migrate", "upgrade",
+         "--url", "postgresql+psycopg://postgres@127.0.0.1:1/x"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert run.returncode == 1 and run.stderr.startswith("error:")
+    assert "Traceback" not in run.stderr
+
+
+def test_wheel_layout__migrations_found_inside_the_package(tmp_path: Path, sqlite_url: str) -> None:
+    """Laid out as the wheel installs it (``sqlalchemy_eventbroker/migrations``), it migrates."""
+    src = Path(sqlalchemy_eventbroker.__file__).parent
+    site = tmp_path / "site"
+    shutil.copytree(src, site / "sqlalchemy_eventbroker",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(src.parent / "migrations", site / "sqlalchemy_eventbroker" / "migrations",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    code = (
+        "import sqlalchemy_eventbroker, sys\n"
+        "from sqlalchemy_eventbroker.providers._db_schema import migrations_path, upgrade\n"
+        "print(sqlalchemy_eventbroker.__file__); print(migrations_path())\n"
+        "upgrade(sys.argv[1])\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code, sqlite_url], capture_output=True, text=True, timeout=60,
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)},
+    )
+    assert run.returncode == 0, run.stderr
+    package_file, migrations = run.stdout.split()
+    assert package_file.startswith(str(site)) and migrations.startswith(str(site))
+    e = sa.create_engine(sqlite_url)
+    try:
+        assert TABLES <= _tables(e)
+    finally:
+        e.dispose()
