@@ -53,6 +53,7 @@ Transactional outbox
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
 import logging
 import os
@@ -66,7 +67,7 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
@@ -95,7 +96,7 @@ __all__ = ["DatabaseProvider", "downgrade", "upgrade"]
 
 logger = logging.getLogger(__name__)
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=UTC)
 
 #: psycopg/SQLite type names for ``jsonb_to_recordset``'s column definition list.
@@ -555,7 +556,7 @@ class DatabaseProvider(ProviderBase):
             row = conn.execute(sa.select(*self._cols).where(self._t.c.id == key)).first()
         return None if row is None else _row_event(row)
 
-    def list(self, filter: EventFilter | None = None) -> list[Event]:  # noqa: A002
+    def list(self, filter: EventFilter | None = None) -> list[Event]:
         """Stored events that pass ``filter``, oldest first (``created_at``, then ``seq``).
 
         Every field is a SQL condition on an indexed column where one exists; ``type_pattern``
@@ -565,7 +566,7 @@ class DatabaseProvider(ProviderBase):
         return list(self.iter_events(filter))
 
     def iter_events(
-        self, filter: EventFilter | None = None, *, page_size: int = 1000  # noqa: A002
+        self, filter: EventFilter | None = None, *, page_size: int = 1000
     ) -> Iterator[Event]:
         """Like :meth:`list`, but reads in pages of ``page_size`` rows (keyset pagination on
         ``(created_at, seq)``), so memory stays flat for any number of rows (``replay``)."""
@@ -745,7 +746,7 @@ class DatabaseProvider(ProviderBase):
         self._check_open()
         t = self._t
         with self._errors(), self._serial, self.engine.connect() as conn:
-            counts = dict(
+            counts: dict[str, int] = dict(
                 conn.execute(sa.select(t.c.status, sa.func.count()).group_by(t.c.status)).all()
             )
         listener = self._listener
@@ -857,7 +858,7 @@ class DatabaseProvider(ProviderBase):
                 self._listener = listener
             return self._listener
 
-    def _dispatch(self, events: list[Event]) -> None:
+    def _dispatch(self, events: builtins.list[Event]) -> None:
         with self._lock:
             streams = [s for s in self._streams if not s.closed]
             for event in events:
@@ -926,7 +927,8 @@ class DatabaseProvider(ProviderBase):
             gid = conn.execute(sa.select(g.c.id).where(*where)).scalar()
             if gid is not None:
                 return int(gid)
-            values = dict(group_name=group, pattern=pattern, cursor_tx=tx, cursor_seq=seq, created_at=now)
+            values = {"group_name": group, "pattern": pattern, "cursor_tx": tx, "cursor_seq": seq,
+                      "created_at": now}
             if self.dialect in ("postgresql", "sqlite"):
                 insert = pg_dialect.insert(g) if self.is_postgres else sqlite_dialect.insert(g)
                 conn.execute(insert.values(**values).on_conflict_do_nothing())
@@ -940,7 +942,7 @@ class DatabaseProvider(ProviderBase):
         c, t = self.tables.claims, self._t
         gid = sa.bindparam("p_gid", type_=sa.Integer())
         seq = sa.bindparam("p_seq", type_=sa.BigInteger())
-        lease = sa.bindparam("p_lease", type_=sa.Double())
+        lease: sa.BindParameter[float] = sa.bindparam("p_lease", type_=sa.Double())
         token = sa.bindparam("p_token", type_=sa.String())
         if self.is_postgres:
             now: sa.ColumnElement[Any] = sa.func.extract("epoch", sa.func.clock_timestamp())
@@ -991,21 +993,24 @@ class DatabaseProvider(ProviderBase):
             "p_gid": stream.group_id, "p_lease": stream.lease, "p_token": uuid.uuid4().hex,
         }
         while True:
+            event_row: tuple[Any, ...] | None
             with self._errors(), self._serial, self._group_conn() as conn:
                 if self.is_postgres:
                     row = conn.execute(self._sql_claim, params).first()
                     if row is None:
                         return None
-                    seq, event_row = int(row[0]), row[1:]
+                    seq, event_row = int(row[0]), tuple(row[1:])
                 else:
                     params["p_now"] = time.time()
-                    seq = conn.execute(self._sql_pick, params).scalar()
-                    if seq is None:
+                    picked = conn.execute(self._sql_pick, params).scalar()
+                    if picked is None:
                         return None
+                    seq = int(picked)
                     # Compare-and-set: another member may have taken it since.
                     if not conn.execute(self._sql_take, {**params, "p_seq": seq}).rowcount:
                         continue
-                    event_row = conn.execute(self._sql_event_at, {"p_seq": seq}).first()
+                    found = conn.execute(self._sql_event_at, {"p_seq": seq}).first()
+                    event_row = tuple(found) if found is not None else None
                 if event_row is None or event_row[0] is None:
                     # The event was deleted or purged meanwhile: nothing left to deliver.
                     conn.execute(self._sql_ack, {"p_gid": stream.group_id, "p_seq": seq})
@@ -1219,7 +1224,7 @@ class _DbGroupStream:
         with p._wake:
             p._wake.notify_all()
 
-    def __enter__(self) -> _DbGroupStream:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -1392,8 +1397,8 @@ class _Listener(threading.Thread):
         if conn is not None:
             try:
                 conn.close()
-            except Exception:  # noqa: BLE001 - best effort on a broken connection
-                pass
+            except Exception:  # best effort on a broken connection
+                logger.debug("closing the LISTEN connection failed", exc_info=True)
 
 
 def _listen_connection(engine: Engine) -> Any:
@@ -1405,7 +1410,7 @@ def _listen_connection(engine: Engine) -> Any:
     if engine.dialect.driver == "psycopg":
         # A connection made exactly as the engine makes them, then taken out of its pool.
         raw = engine.raw_connection()
-        conn = raw.driver_connection
+        conn: Any = raw.driver_connection
         raw.detach()
         if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
             conn.rollback()

@@ -13,7 +13,6 @@ from typing import Any
 import psycopg
 import pytest
 import sqlalchemy as sa
-
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from sqlalchemy_eventbroker import EventFilter, EventStatus, matches, new_event
@@ -24,7 +23,7 @@ from sqlalchemy_eventbroker.providers.database import DatabaseProvider
 
 from .conformance import ProviderConformance, ProviderFactory
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 def _factory(url: str, **kw: Any) -> Iterator[ProviderFactory]:
