@@ -248,3 +248,60 @@ class AsyncRunner:
         thread.join(timeout=5)
         if not thread.is_alive():
             loop.close()
+
+
+class StatusWriter:
+    """Collects final-status writes and hands them to the provider in batches.
+
+    One round trip per handled event would cap a consumer at the backend's round-trip rate
+    (a PostgreSQL UPDATE + commit, a Redis script call, a NATS KV compare-and-set), so
+    outcomes wait here up to ``interval`` seconds or until ``max_batch`` are pending, then
+    go out together through ``write(batch)``. ``flush()`` writes what is pending now and
+    returns after it was written; ``close()`` flushes and stops the thread.
+    """
+
+    def __init__(self, write: Callable[[list[Any]], None], interval: float = 0.02,
+                 max_batch: int = 500, name: str = "eventbroker-status") -> None:
+        self._write = write
+        self._interval = interval
+        self._max_batch = max_batch
+        self._pending: list[Any] = []
+        self._cond = threading.Condition()
+        self._writing = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def add(self, item: Any) -> None:
+        with self._cond:
+            self._pending.append(item)
+            if len(self._pending) == 1 or len(self._pending) >= self._max_batch:
+                self._cond.notify()
+
+    def flush(self) -> None:
+        """Write everything added so far before returning."""
+        with self._writing:
+            with self._cond:
+                batch, self._pending = self._pending, []
+            if batch:
+                self._write(batch)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if self._closed and not self._pending:
+                    return
+                if len(self._pending) < self._max_batch and not self._closed:
+                    # Let a batch build up: the first outcome waits at most one interval.
+                    self._cond.wait(self._interval)
+            self.flush()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+        self.flush()

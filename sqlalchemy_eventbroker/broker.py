@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from . import signals
 from ._types import JSON, Handler, SubscriptionID
-from ._workers import AsyncRunner, WorkerPool
+from ._workers import AsyncRunner, StatusWriter, WorkerPool
 from .errors import (
     BrokerError,
     BrokerStopped,
@@ -39,7 +39,14 @@ from .errors import (
 from .event import Event, EventStatus
 from .metrics import BrokerMetrics
 from .pattern import compile_pattern
-from .providers.base import Delivery, EventFilter, EventStream, GroupStream, Provider
+from .providers.base import (
+    Delivery,
+    EventFilter,
+    EventStream,
+    GroupStream,
+    Provider,
+    StatusUpdate,
+)
 from .retry import RetryPolicy
 
 __all__ = ["Broker", "BrokerStats", "ProcessingMode"]
@@ -104,6 +111,8 @@ class _Job:
     attempts: dict[str, int] = field(default_factory=dict)
     failures: list[tuple[str, BaseException]] = field(default_factory=list)
     last_errors: dict[str, BaseException] = field(default_factory=dict)
+    #: Write the outcome before returning (publish_sync promises it), not in the next batch.
+    inline_status: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -166,6 +175,9 @@ class Broker:
         self.metrics = BrokerMetrics(registry)
         self._origin = uuid.uuid4().hex  # tells this broker's events apart on a shared provider
         self._origin_aware = bool(getattr(provider, "supports_origin", False))
+        # Outcomes are batched only where a write is a round trip (see StatusWriter).
+        self._inline_status = bool(getattr(provider, "inline_status_writes", False)) or not \
+            hasattr(provider, "update_status_many")
 
         self._lock = threading.RLock()
         self._subs: dict[SubscriptionID, _Subscription] = {}
@@ -183,6 +195,7 @@ class Broker:
         self._renewer: threading.Thread | None = None
         self._renew_wake = threading.Event()
         self._dead: collections.OrderedDict[str, Event] = collections.OrderedDict()
+        self._statuses: StatusWriter | None = None
         self._published = 0
         self._processed = 0
         self._failed = 0
@@ -264,6 +277,8 @@ class Broker:
         for sub in subs:
             if sub.stream is not None:
                 _close_quietly(sub.stream)
+        if self._statuses is not None:
+            self._statuses.close()
         self._renew_wake.set()
         if self._renewer is not None and self._renewer is not threading.current_thread():
             self._renewer.join(timeout=2)
@@ -405,7 +420,8 @@ class Broker:
         if not subs:
             self._count_unhandled(1)
             return
-        job = _Job(event, list(subs), len(subs), time.perf_counter())
+        job = _Job(event, list(subs), len(subs), time.perf_counter(),
+                   inline_status=True)
         self._run_job_inline(job)
         if job.failures:
             raise HandlerError(event.error, event_id=event.id, failures=job.failures)
@@ -452,7 +468,8 @@ class Broker:
                 if not subs:
                     self._count_unhandled(1)
                     continue
-                job = _Job(event, list(subs), len(subs), time.perf_counter())
+                job = _Job(event, list(subs), len(subs), time.perf_counter(),
+                           inline_status=True)
                 self._run_job_inline(job)
                 failures.extend(job.failures)
             if failures:
@@ -838,14 +855,11 @@ class Broker:
         else:
             event.mark_completed()
             status = EventStatus.COMPLETED
-        try:
-            self.provider.update_status(
-                event.id, status, event.error, retry_count=event.retry_count
-            )  # type: ignore[call-arg]
-        except Exception as exc:
-            log.warning("eventbroker: could not record status of event %s: %s", event.id, exc,
-                        extra={"event_id": event.id})
-            self.metrics.error("provider")
+        update = StatusUpdate(event.id, status, event.error, event.retry_count)
+        if job.inline_status or self._inline_status:
+            self._write_statuses([update])
+        else:
+            self._status_writer().add(update)
         with self._counter_lock:
             self._processed += 1
             if status is EventStatus.FAILED:
@@ -887,6 +901,42 @@ class Broker:
         except Exception:
             log.exception("eventbroker: a signal receiver raised")
 
+    def _status_writer(self) -> StatusWriter:
+        writer = self._statuses
+        if writer is None:
+            with self._lock:
+                if self._statuses is None:
+                    self._statuses = StatusWriter(
+                        self._write_statuses, name=f"eventbroker-{self.instance_id}-status"
+                    )
+                writer = self._statuses
+        return writer
+
+    def _write_statuses(self, updates: list[StatusUpdate]) -> None:
+        provider = self.provider
+        many = getattr(provider, "update_status_many", None)
+        try:
+            if many is not None:
+                many(updates)
+                return
+        except Exception as exc:
+            log.warning("eventbroker: could not record the status of %d events: %s",
+                        len(updates), exc)
+            self.metrics.error("provider")
+            return
+        for u in updates:
+            try:
+                provider.update_status(u.event_id, u.status, u.error, retry_count=u.retry_count)
+            except Exception as exc:
+                log.warning("eventbroker: could not record status of event %s: %s", u.event_id,
+                            exc, extra={"event_id": u.event_id})
+                self.metrics.error("provider")
+
+    def flush_statuses(self) -> None:
+        """Write outcomes that are still batched to the provider now (async mode batches them)."""
+        if self._statuses is not None:
+            self._statuses.flush()
+
     def count_capture_error(self, exc: BaseException) -> None:
         """Log and count a failure that ORM capture kept away from the user's transaction."""
         log.error("eventbroker: capture could not publish events: %s", exc, exc_info=exc)
@@ -912,6 +962,7 @@ class Broker:
             SubscriptionNotFound: (a ``LookupError``) no dead letter or failed stored event
                 has this id.
         """
+        self.flush_statuses()  # a batched 'failed' must not land on the redriven copy
         with self._lock:
             event = self._dead.pop(event_id, None)
         if event is None:

@@ -24,7 +24,7 @@ import queue
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, Self, runtime_checkable
 
 from .._types import JSON
 from ..errors import ProviderError
@@ -43,6 +43,8 @@ __all__ = [
     "ProviderBase",
     "ProviderStats",
     "QueueEventStream",
+    "StatusBatchProvider",
+    "StatusUpdate",
     "TransactionalProvider",
 ]
 
@@ -222,6 +224,28 @@ class BatchProvider(Protocol):
     def store_many(self, events: Sequence[Event]) -> None: ...
 
     def publish_many(self, events: Sequence[Event]) -> None: ...
+
+
+class StatusUpdate(NamedTuple):
+    """One final-status write, as the broker batches them for ``update_status_many``."""
+
+    event_id: str
+    status: EventStatus
+    error: str = ""
+    retry_count: int | None = None
+
+
+@runtime_checkable
+class StatusBatchProvider(Protocol):
+    """Optional: apply many status updates in one round trip.
+
+    The broker writes the outcome of every event it handled; on a remote backend one round
+    trip per event caps a consumer at the backend's round-trip rate, so async brokers collect
+    outcomes for a few milliseconds and hand them over together. Same semantics per item as
+    ``Provider.update_status``; unknown ids are ignored.
+    """
+
+    def update_status_many(self, updates: Sequence[StatusUpdate]) -> None: ...
 
 
 @runtime_checkable

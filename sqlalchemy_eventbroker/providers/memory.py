@@ -23,7 +23,7 @@ from typing import Self
 from ..errors import ProviderError
 from ..event import Event, EventStatus
 from ..pattern import compile_pattern, validate_pattern
-from .base import EventFilter, ProviderBase, ProviderStats, QueueEventStream
+from .base import EventFilter, ProviderBase, ProviderStats, QueueEventStream, StatusUpdate
 
 __all__ = ["MemoryProvider"]
 
@@ -40,6 +40,8 @@ class MemoryProvider(ProviderBase):
     #: ``publish_many(origin=)`` and ``stream(exclude_origin=)`` let a broker skip its own
     #: events in the provider instead of filtering their echo itself.
     supports_origin = True
+    #: Status writes are in-process and cheap: the broker need not batch them.
+    inline_status_writes = True
 
     def __init__(
         self, max_events: int = 10000, cleanup_interval: float = 300.0, max_age: float = 86400.0
@@ -113,14 +115,21 @@ class MemoryProvider(ProviderBase):
     def update_status(
         self, event_id: str, status: EventStatus, error: str = "", *, retry_count: int | None = None
     ) -> None:
-        status = EventStatus(status)
+        self.update_status_many((StatusUpdate(event_id, status, error, retry_count),))
+
+    def update_status_many(self, updates: Sequence[StatusUpdate]) -> None:
+        now = dt.datetime.now(UTC)
         with self._lock:
             self._check_open()
-            item = self._events.get(event_id)
-            if item is None:
-                return
+            for update in updates:
+                self._apply(update, now)
+
+    def _apply(self, update: StatusUpdate, now: dt.datetime) -> None:
+        event_id, status, error, retry_count = update
+        status = EventStatus(status)
+        item = self._events.get(event_id)
+        if item is not None:
             event = item[1]
-            now = dt.datetime.now(UTC)
             event.status = status
             event.error = error
             if retry_count is not None:
