@@ -91,6 +91,7 @@ def upgrade(table_name: str = "events") -> None:
         sa.Column("pattern", sa.String(255), nullable=False),
         sa.Column("cursor_tx", sa.BigInteger(), nullable=False),
         sa.Column("cursor_seq", sa.BigInteger(), nullable=False),
+        sa.Column("start_snapshot", sa.Text(), nullable=True),
         sa.Column("created_at", ts, nullable=False),
         sa.UniqueConstraint("group_name", "pattern", name=f"uq_{t}_groups_name_pattern"),
     )

@@ -155,6 +155,9 @@ def build_tables(
         sa.Column("pattern", sa.String(255), nullable=False),
         sa.Column("cursor_tx", sa.BigInteger(), nullable=False),
         sa.Column("cursor_seq", sa.BigInteger(), nullable=False),
+        # PostgreSQL: the snapshot taken when the group was created (rows visible in it are
+        # "before" the group); see database._Start.
+        sa.Column("start_snapshot", sa.Text(), nullable=True),
         sa.Column("created_at", ts, nullable=False),
         sa.UniqueConstraint("group_name", "pattern", name=f"uq_{t}_groups_name_pattern"),
     )

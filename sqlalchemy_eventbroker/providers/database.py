@@ -182,11 +182,45 @@ class _Backoff:
         self._next = self.first
 
 
+@dataclass(frozen=True, slots=True)
+class _Start:
+    """Where a stream or group began: the rows already visible then come "before" it.
+
+    PostgreSQL: the snapshot ``xmin:xmax:xip`` taken at the opening. A row (which exists, so
+    its transaction committed) was visible then when its ``tx_id`` is below ``xmin``, or below
+    ``xmax`` and not among the transactions then in progress. Starting the cursor at
+    ``(xmin, 0)`` and skipping those rows makes the start exact even while older transactions
+    run elsewhere in the cluster. SQLite: simply the highest ``seq`` at the opening.
+    """
+
+    xmin: int
+    xmax: int
+    xip: frozenset[int]
+    seq: int
+
+    def before(self, tx: int, seq: int) -> bool:
+        if self.xmax == 0:
+            return seq <= self.seq
+        return tx < self.xmin or (tx < self.xmax and tx not in self.xip)
+
+    def cursor(self) -> Cursor:
+        return (self.xmin, 0) if self.xmax else (0, self.seq)
+
+    def text(self) -> str:
+        return f"{self.xmin}:{self.xmax}:{','.join(map(str, sorted(self.xip)))}"
+
+    @classmethod
+    def parse(cls, text: str) -> _Start:
+        xmin, xmax, xip = text.split(":")
+        return cls(int(xmin), int(xmax), frozenset(int(x) for x in xip.split(",") if x), 0)
+
+
 @dataclass(slots=True)
 class _Page:
     """One read of the events table past a cursor."""
 
-    events: list[Event]
+    #: ``(event, tx_id, seq)`` in delivery order.
+    events: list[tuple[Event, int, int]]
     cursor: Cursor
     #: Visible rows exist past the cursor whose transactions may still have earlier siblings.
     held_back: bool
@@ -254,6 +288,7 @@ class DatabaseProvider(ProviderBase):
         self._lock = threading.RLock()
         self._closed = False
         self._streams: list[QueueEventStream] = []
+        self._starts: dict[QueueEventStream, _Start] = {}
         self._group_streams: weakref.WeakSet[_DbGroupStream] = weakref.WeakSet()
         self._listener: _Listener | None = None
         self._wake = threading.Condition()
@@ -777,16 +812,18 @@ class DatabaseProvider(ProviderBase):
 
     # -- the gap-free reader -----------------------------------------------------------
 
-    def _tail(self) -> Cursor:
-        """A cursor behind which every row has already committed: start reading here."""
+    def _start_point(self) -> _Start:
+        """Now, as a starting point: what is visible now is "before" (see :class:`_Start`)."""
         t = self._t
         with self._errors(), self._serial, self.engine.connect() as conn:
             conn.execute(sa.select(t.c.seq).limit(0))  # a missing table fails here, clearly
             if self.is_postgres:
-                xmin = conn.execute(sa.select(self._pg_xmin())).scalar_one()
-                return (int(xmin), 0)
+                snap = conn.execute(
+                    sa.select(sa.cast(sa.func.pg_current_snapshot(), sa.Text))
+                ).scalar_one()
+                return _Start.parse(snap)
             top = conn.execute(sa.select(sa.func.coalesce(sa.func.max(t.c.seq), 0))).scalar_one()
-            return (0, int(top))
+            return _Start(0, 0, frozenset(), int(top))
 
     @staticmethod
     def _pg_xmin() -> sa.ColumnElement[int]:
@@ -816,14 +853,14 @@ class DatabaseProvider(ProviderBase):
             ).order_by(t.c.seq).limit(limit)
         with self._errors(), self._serial, self.engine.connect() as conn:
             rows = conn.execute(stmt).all()
-        events: list[Event] = []
+        events: list[tuple[Event, int, int]] = []
         held = False
         for row in rows:
             if not row[19]:
                 held = True
                 break
-            events.append(_row_event(row))
             cursor = (int(row[17]), int(row[18]))
+            events.append((_row_event(row), *cursor))
         return _Page(events, cursor, held, len(rows) == limit and not held)
 
     # -- fan-out streams ---------------------------------------------------------------
@@ -839,7 +876,9 @@ class DatabaseProvider(ProviderBase):
         self._check_open()
         listener = self._ensure_listener()
         stream = QueueEventStream(pattern, on_close=self._forget_stream)
+        # Under the dispatch lock: no page can slip between the snapshot and the registration.
         with self._lock:
+            self._starts[stream] = self._start_point()
             self._streams.append(stream)
         listener.kick()
         return stream
@@ -848,26 +887,37 @@ class DatabaseProvider(ProviderBase):
         with self._lock:
             if stream in self._streams:
                 self._streams.remove(stream)
+            self._starts.pop(stream, None)
 
     def _ensure_listener(self) -> _Listener:
         with self._lock:
             self._check_open()
             if self._listener is None:
-                listener = _Listener(self, self._tail())
+                listener = _Listener(self, self._start_point().cursor())
                 listener.start()
                 self._listener = listener
             return self._listener
 
-    def _dispatch(self, events: builtins.list[Event]) -> None:
+    def _dispatch(self, events: builtins.list[tuple[Event, int, int]]) -> None:
         with self._lock:
             streams = [s for s in self._streams if not s.closed]
-            for event in events:
+            starts = self._starts
+            for event, tx, seq in events:
                 first = True
                 for s in streams:
+                    start = starts.get(s)
+                    if start is not None and start.before(tx, seq):
+                        continue  # visible when the stream opened: not "after" it
                     if s.wants(event.type):
                         s._put(event if first else event.clone())
                         first = False
                         self._consumed += 1
+
+    def _retire_starts(self, cursor: Cursor) -> None:
+        """Forget start points the reader is past (no row beyond it can be "before" them)."""
+        with self._lock:
+            for s in [s for s, st in self._starts.items() if st.xmax and cursor[0] >= st.xmax]:
+                del self._starts[s]
 
     def _wake_local(self) -> None:
         """Something changed: wake group members waiting here, and (without NOTIFY) the reader."""
@@ -921,13 +971,15 @@ class DatabaseProvider(ProviderBase):
     def _open_group(self, group: str, pattern: str) -> int:
         g = self.tables.groups
         where = (g.c.group_name == group, g.c.pattern == pattern)
-        tx, seq = self._tail()
+        start = self._start_point()
+        tx, seq = start.cursor()
         now = dt.datetime.now(UTC)
         with self._errors(), self._serial, self.engine.begin() as conn:
             gid = conn.execute(sa.select(g.c.id).where(*where)).scalar()
             if gid is not None:
                 return int(gid)
             values = {"group_name": group, "pattern": pattern, "cursor_tx": tx, "cursor_seq": seq,
+                      "start_snapshot": start.text() if self.is_postgres else None,
                       "created_at": now}
             if self.dialect in ("postgresql", "sqlite"):
                 insert = pg_dialect.insert(g) if self.is_postgres else sqlite_dialect.insert(g)
@@ -1032,10 +1084,13 @@ class DatabaseProvider(ProviderBase):
         with self._errors(), self._serial, self.engine.begin() as conn:
             if not self.is_postgres:
                 conn.execute(g.update().where(g.c.id == gid).values(cursor_seq=g.c.cursor_seq))
-            row = conn.execute(sa.select(g.c.cursor_tx, g.c.cursor_seq).where(g.c.id == gid)).first()
+            row = conn.execute(
+                sa.select(g.c.cursor_tx, g.c.cursor_seq, g.c.start_snapshot).where(g.c.id == gid)
+            ).first()
             if row is None:
                 raise ProviderError(f"consumer group {stream.group!r} was dropped")
             old = (int(row[0]), int(row[1]))
+            start = _Start.parse(row[2]) if row[2] else None
             if self.is_postgres:
                 stmt = (
                     sa.select(t.c.seq, t.c.id, t.c.type, t.c.tx_id, (t.c.tx_id < self._pg_xmin()))
@@ -1057,6 +1112,8 @@ class DatabaseProvider(ProviderBase):
                     held = True
                     break
                 cursor = (int(tx), int(seq))
+                if start is not None and start.before(*cursor):
+                    continue  # visible when the group was created: before its start
                 if stream.wants(etype):
                     claims.append({"group_id": gid, "seq": seq, "event_id": str(event_id),
                                    "lease_until": 0.0, "token": "", "deliveries": 0})
@@ -1314,6 +1371,7 @@ class _Listener(threading.Thread):
             if page.events:
                 self.cursor = page.cursor
                 p._dispatch(page.events)
+                p._retire_starts(self.cursor)
                 with p._wake:
                     p._wake_gen += 1
                     p._wake.notify_all()

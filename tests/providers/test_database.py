@@ -174,6 +174,24 @@ def test_commit_order__group_does_not_skip_a_late_lower_seq(pg: DatabaseProvider
     assert gs.receive(timeout=0.2) is None
 
 
+def test_start__exact_while_an_older_transaction_runs(pg: DatabaseProvider) -> None:
+    """Rows committed before a stream/group opened stay out even if xmin lags behind them."""
+    with pg.engine.connect() as blocker:
+        tx = blocker.begin()
+        blocker.execute(sa.text("SELECT pg_current_xact_id()"))  # holds xmin back
+        before = _ev(n=0)
+        pg.store(before)                                          # committed, tx_id > xmin
+        stream = pg.stream("*")
+        gs = pg.group_stream("*", "exact", lease=5)
+        after = _ev(n=1)
+        pg.store(after)
+        tx.commit()
+    assert [e.id for e in _drain(stream, 2, timeout=1.0)] == [after.id]
+    got = _drain(gs, 2, timeout=1.0)
+    assert [d.event.id for d in got] == [after.id]
+    got[0].ack()
+
+
 def test_commit_order__many_concurrent_writers_lose_nothing(pg: DatabaseProvider) -> None:
     """Four threads committing interleaved transactions: the stream gets every row once."""
     import threading
@@ -464,10 +482,12 @@ def test_listener__terminated_connection_loses_and_repeats_nothing(pg: DatabaseP
     for round_ in range(3):
         batch = [_ev(r=round_, i=i) for i in range(20)]
         pg.store_many(batch[:10])
+        old = pg.stats().provider_specific["listener_pid"]
         _terminate_listener(pg)
         pg.store_many(batch[10:])  # committed while the listener is away
         sent += [e.id for e in batch]
-        _until(lambda: pg.stats().provider_specific["listener_pid"] is not None, what="reconnect")
+        _until(lambda: pg.stats().provider_specific["listener_pid"] not in (None, old),
+               what="a new LISTEN connection")
     got = _drain(stream, len(sent), timeout=10) + _drain(stream, 1, timeout=0.3)
     assert [e.id for e in got] == sent
     assert pg.stats().provider_specific["listener_reconnects"] >= 3
