@@ -58,6 +58,9 @@ log = logging.getLogger(__name__)
 MAX_DEAD_LETTERS = 10_000
 #: How many ids of its own published events a broker remembers to suppress their echo.
 MAX_OWN_IDS = 1_000_000
+#: Guards the few fields of a job that retries running in parallel workers share. One lock for
+#: all jobs: it is held for a handful of bytecodes, and a lock per job would cost more.
+_JOB_LOCK = threading.Lock()
 _POLL = 0.2  # seconds a consumer thread blocks in receive() before checking for stop
 
 
@@ -97,23 +100,35 @@ class _Subscription:
     active: bool = True
 
 
-@dataclass(slots=True, eq=False)
 class _Job:
     """One event on its way through a set of handlers (one item per handler on retry)."""
 
-    event: Event
-    subs: list[_Subscription]
-    pending: int
-    started: float
-    delivery: Delivery | None = None
-    #: A group consumer's prefetch slot, released when the delivery is acknowledged.
-    slot: threading.BoundedSemaphore | None = None
-    attempts: dict[str, int] = field(default_factory=dict)
-    failures: list[tuple[str, BaseException]] = field(default_factory=list)
-    last_errors: dict[str, BaseException] = field(default_factory=dict)
-    #: Write the outcome before returning (publish_sync promises it), not in the next batch.
-    inline_status: bool = False
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    __slots__ = ("event", "subs", "pending", "started", "delivery", "slot", "attempts",
+                 "failures", "last_errors", "inline_status", "lock")
+
+    def __init__(
+        self,
+        event: Event,
+        subs: list[_Subscription],
+        pending: int,
+        started: float,
+        delivery: Delivery | None = None,
+        slot: threading.BoundedSemaphore | None = None,
+        inline_status: bool = False,
+    ) -> None:
+        self.event = event
+        self.subs = subs
+        self.pending = pending
+        self.started = started
+        self.delivery = delivery
+        #: A group consumer's prefetch slot, released when the delivery is acknowledged.
+        self.slot = slot
+        self.attempts: dict[str, int] = {}
+        self.failures: list[tuple[str, BaseException]] = []
+        self.last_errors: dict[str, BaseException] = {}
+        #: Write the outcome before returning (publish_sync promises it), not in the next batch.
+        self.inline_status = inline_status
+        self.lock = _JOB_LOCK
 
 
 class Broker:
@@ -176,8 +191,9 @@ class Broker:
         self._origin = uuid.uuid4().hex  # tells this broker's events apart on a shared provider
         self._origin_aware = bool(getattr(provider, "supports_origin", False))
         # Outcomes are batched only where a write is a round trip (see StatusWriter).
-        self._inline_status = bool(getattr(provider, "inline_status_writes", False)) or not \
-            hasattr(provider, "update_status_many")
+        self._update_status_many = getattr(provider, "update_status_many", None)
+        self._inline_status = bool(getattr(provider, "inline_status_writes", False)) or \
+            self._update_status_many is None
 
         self._lock = threading.RLock()
         self._subs: dict[SubscriptionID, _Subscription] = {}
@@ -570,10 +586,14 @@ class Broker:
 
     def _store_and_announce(self, events: Sequence[Event]) -> None:
         provider = self.provider
-        self.note_own(e.id for e in events)
+        if self._receiver is not None and not self._origin_aware:
+            self.note_own([e.id for e in events])
         if len(events) == 1:
             provider.store(events[0])
-            self._announce(events)
+            if self._origin_aware:
+                provider.publish_many(events, origin=self._origin)  # type: ignore[attr-defined]
+            else:
+                provider.publish(events[0])
         else:
             store_many = getattr(provider, "store_many", None)
             if store_many is not None:
@@ -601,7 +621,7 @@ class Broker:
         metrics = self.metrics
         has_receivers = bool(signals.event_published.receivers)
         for e in events:
-            metrics.published(e.source.value, e.type)
+            metrics.published(e.source, e.type)
             if has_receivers:
                 self._send(signals.event_published, e)
 
@@ -766,7 +786,7 @@ class Broker:
     def _call(self, sub: _Subscription, event: Event) -> BaseException | None:
         try:
             result = sub.handler(event.clone())
-            if inspect.isawaitable(result):
+            if result is not None and inspect.isawaitable(result):
                 self._runner.run(result)
             return None
         except Exception as exc:
@@ -793,8 +813,11 @@ class Broker:
         job.pending = 0
         self._finish(job)
 
-    def _run_item(self, item: _Job | tuple[_Job, _Subscription]) -> None:
-        """Async mode, in a worker: a job's handlers, or one handler's retry."""
+    def _run_item(self, item: _Job | tuple[_Job, _Subscription]) -> bool:
+        """Async mode, in a worker: a job's handlers, or one handler's retry.
+
+        Returns True when the job is finished (every handler succeeded or gave up).
+        """
         if isinstance(item, tuple):
             job, only = item
             subs = [only]
@@ -831,15 +854,18 @@ class Broker:
                 pool.put_later(self.retry_policy.delay(attempt), (job, sub))
             else:
                 finished += 1
-        if finished:
+        if not finished:
+            return False
+        if len(job.subs) == 1:  # nothing runs in parallel with a one-handler job
+            job.pending -= finished
+            done = job.pending == 0
+        else:
             with job.lock:
                 job.pending -= finished
                 done = job.pending == 0
-            if done:
-                try:
-                    self._finish(job)
-                finally:
-                    pool.done()
+        if done:
+            self._finish(job)
+        return done
 
     def _finish(self, job: _Job) -> None:
         event = job.event
@@ -864,7 +890,7 @@ class Broker:
             self._processed += 1
             if status is EventStatus.FAILED:
                 self._failed += 1
-        self.metrics.processed(event.source.value, event.type, status.value, elapsed)
+        self.metrics.processed(event.source, event.type, status, elapsed)
         if status is EventStatus.FAILED:
             with self._lock:
                 self._dead[event.id] = event.clone()
@@ -914,7 +940,7 @@ class Broker:
 
     def _write_statuses(self, updates: list[StatusUpdate]) -> None:
         provider = self.provider
-        many = getattr(provider, "update_status_many", None)
+        many = self._update_status_many
         try:
             if many is not None:
                 many(updates)

@@ -94,12 +94,14 @@ class Event:
 
     def __post_init__(self) -> None:
         # Accept the plain strings too ("database"), as StrEnum members compare equal anyway.
-        src = _SOURCES.get(self.source)  # type: ignore[call-overload]
-        if src is not None:
-            self.source = src
-        st = _STATUSES.get(self.status)  # type: ignore[call-overload]
-        if st is not None:
-            self.status = st
+        if self.source.__class__ is not EventSource:
+            src = _SOURCES.get(self.source)  # type: ignore[call-overload]
+            if src is not None:
+                self.source = src
+        if self.status.__class__ is not EventStatus:
+            st = _STATUSES.get(self.status)  # type: ignore[call-overload]
+            if st is not None:
+                self.status = st
 
     @classmethod
     def new(
@@ -137,13 +139,27 @@ class Event:
 
     def clone(self) -> Event:
         """A deep copy with the same id: a handler may change it freely."""
-        return Event(
-            self.id, self.source, self.type, self.status, self.retry_count, self.error,
-            _json.copy_json(self.payload),
-            self.user_id, self.session_id, self.instance_id, self.schema, self.entity,
-            self.operation, self.created_at, self.processed_at, self.completed_at,
-            _json.copy_json(self.metadata) if self.metadata else {},  # type: ignore[arg-type]
-        )
+        # Field by field rather than through __init__: clone runs twice per dispatched event.
+        new = _blank(Event)
+        new.id = self.id
+        new.source = self.source
+        new.type = self.type
+        new.status = self.status
+        new.retry_count = self.retry_count
+        new.error = self.error
+        payload = self.payload
+        new.payload = payload if payload.__class__ not in _MUTABLE else _json.copy_json(payload)
+        new.user_id = self.user_id
+        new.session_id = self.session_id
+        new.instance_id = self.instance_id
+        new.schema = self.schema
+        new.entity = self.entity
+        new.operation = self.operation
+        new.created_at = self.created_at
+        new.processed_at = self.processed_at
+        new.completed_at = self.completed_at
+        new.metadata = _json.copy_json(self.metadata) if self.metadata else {}  # type: ignore[assignment]
+        return new
 
     def mark_processing(self) -> None:
         """Status ``processing``; ``processed_at`` now."""
@@ -278,6 +294,10 @@ class Event:
         if not isinstance(data, dict):
             raise EventValidationError("event: JSON text is not an object")
         return cls.from_dict(data)
+
+
+_blank = object.__new__
+_MUTABLE = (dict, list)
 
 
 def _enum(d: Mapping[str, Any], key: str, members: Mapping[str, Any]) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from bisect import bisect_left
 from collections.abc import Callable
 from typing import Any
 
@@ -79,28 +80,60 @@ class BrokerMetrics:
 
     def published(self, source: str, type_: str) -> None:
         key = (source, type_)
-        child = self._published.get(key)
-        if child is None:
-            child = self._published[key] = self._c.published.labels(source, type_)
-        child.inc()
+        inc = self._published.get(key)
+        if inc is None:
+            inc = self._published[key] = _fast_inc(self._c.published.labels(source, type_))
+        inc(1)
 
     def processed(self, source: str, type_: str, status: str, seconds: float) -> None:
         key = (source, type_, status)
-        child = self._processed.get(key)
-        if child is None:
-            child = self._processed[key] = self._c.processed.labels(source, type_, status)
-        child.inc()
+        inc = self._processed.get(key)
+        if inc is None:
+            inc = self._processed[key] = _fast_inc(
+                self._c.processed.labels(source, type_, status)
+            )
+        inc(1)
         dkey = (source, type_)
-        hist = self._duration.get(dkey)
-        if hist is None:
-            hist = self._duration[dkey] = self._c.duration.labels(source, type_)
-        hist.observe(seconds)
+        observe = self._duration.get(dkey)
+        if observe is None:
+            observe = self._duration[dkey] = _fast_observe(self._c.duration.labels(source, type_))
+        observe(seconds)
 
     def error(self, kind: str) -> None:
         child = self._errors.get(kind)
         if child is None:
             child = self._errors[kind] = self._c.errors.labels(kind)
         child.inc()
+
+
+def _fast_inc(child: Any) -> Callable[[float], None]:
+    """The bound child's value increment, skipping per-call checks that cannot fail here.
+
+    ``Counter.inc`` validates its argument and observability on every call; the value's own
+    ``inc`` is the same update under the same lock. Falls back to the public method if a
+    future prometheus_client changes its internals.
+    """
+    value = getattr(child, "_value", None)
+    inc = getattr(value, "inc", None)
+    return inc if callable(inc) else child.inc  # type: ignore[no-any-return]
+
+
+def _fast_observe(child: Any) -> Callable[[float], None]:
+    """``Histogram.observe`` without exemplar handling, with a binary search for the bucket."""
+    bounds = getattr(child, "_upper_bounds", None)
+    buckets = getattr(child, "_buckets", None)
+    total = getattr(child, "_sum", None)
+    if bounds is None or buckets is None or total is None:
+        return child.observe  # type: ignore[no-any-return]
+    bucket_incs = [b.inc for b in buckets]
+    sum_inc = total.inc
+    bounds = list(bounds)
+
+    def observe(amount: float) -> None:
+        sum_inc(amount)
+        bucket_incs[bisect_left(bounds, amount)](1)
+
+    return observe
 
 
 def start_metrics_server(

@@ -126,7 +126,8 @@ class MemoryProvider(ProviderBase):
 
     def _apply(self, update: StatusUpdate, now: dt.datetime) -> None:
         event_id, status, error, retry_count = update
-        status = EventStatus(status)
+        if status.__class__ is not EventStatus:
+            status = EventStatus(status)
         item = self._events.get(event_id)
         if item is not None:
             event = item[1]
