@@ -618,12 +618,14 @@ class Broker:
     def _count_published(self, events: Sequence[Event]) -> None:
         with self._counter_lock:
             self._published += len(events)
-        metrics = self.metrics
-        has_receivers = bool(signals.event_published.receivers)
-        for e in events:
-            metrics.published(e.source, e.type)
-            if has_receivers:
+        published = self.metrics.published
+        if signals.event_published.receivers:
+            for e in events:
+                published(e.source, e.type)
                 self._send(signals.event_published, e)
+        else:
+            for e in events:
+                published(e.source, e.type)
 
     def _count_unhandled(self, n: int) -> None:
         if n:
@@ -794,12 +796,20 @@ class Broker:
 
     def _run_job_inline(self, job: _Job) -> None:
         """Sync mode: every handler with its retries, in this thread."""
-        job.event.mark_processing()
+        event = job.event
+        event.mark_processing()
         policy = self.retry_policy
         for sub in job.subs:
+            # The first attempt inline (the hot path), retries below.
+            try:
+                result = sub.handler(event.clone())
+                if result is not None and inspect.isawaitable(result):
+                    self._runner.run(result)
+                continue
+            except Exception as first:
+                exc: BaseException | None = first
             attempt = 0
             while True:
-                exc = self._call(sub, job.event)
                 if exc is None:
                     break
                 attempt += 1
@@ -807,9 +817,10 @@ class Broker:
                     job.failures.append((sub.id, exc))
                     self._log_failure(job.event, sub, exc, final=True)
                     break
-                self._log_failure(job.event, sub, exc, final=False)
-                job.event.increment_retry()
+                self._log_failure(event, sub, exc, final=False)
+                event.increment_retry()
                 time.sleep(policy.delay(attempt))
+                exc = self._call(sub, event)
         job.pending = 0
         self._finish(job)
 
