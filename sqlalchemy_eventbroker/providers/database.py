@@ -87,7 +87,7 @@ from ._db_schema import (
     upgrade,
     version_table_name,
 )
-from .base import EventFilter, ProviderBase, ProviderStats, QueueEventStream
+from .base import EventFilter, ProviderBase, ProviderStats, QueueEventStream, StatusUpdate
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
@@ -299,6 +299,7 @@ class DatabaseProvider(ProviderBase):
         self._share_cache: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
         self._pg_insert_sql = self._build_pg_insert() if self.is_postgres else None
         self._build_group_sql()
+        self._build_status_sql()
         self._ping()
 
     # -- construction ------------------------------------------------------------------
@@ -730,6 +731,83 @@ class DatabaseProvider(ProviderBase):
             )
         with self._errors(), self._serial, self.engine.begin() as conn:
             conn.execute(t.update().where(t.c.id == key).values(**values))
+
+    def update_status_many(self, updates: Sequence[StatusUpdate]) -> None:
+        """:meth:`update_status` for many events: ONE statement in one transaction.
+
+        Same semantics per item (timestamps from the moment of this call, ``retry_count`` only
+        when given); unknown ids are ignored; for an id given twice the last item wins.
+        PostgreSQL: ``UPDATE ... FROM jsonb_to_recordset(:doc)``; elsewhere an executemany.
+        """
+        self._check_open()
+        latest: dict[str, StatusUpdate] = {}
+        for u in updates:
+            key = self._lookup_id(u.event_id)
+            if key is not None:
+                latest[key] = u
+        if not latest:
+            return
+        now = dt.datetime.now(UTC)
+        if self._sql_status_many_pg is not None:
+            doc = _json.dumps([
+                {"id": key, "status": str(EventStatus(u.status)), "error": u.error or "",
+                 "retry_count": u.retry_count}
+                for key, u in latest.items()
+            ])
+            params: Any = {"doc": doc, "now": now}
+            stmt: Any = self._sql_status_many_pg
+        else:
+            params = [
+                {"b_id": key, "b_status": str(EventStatus(u.status)), "b_error": u.error or "",
+                 "b_retry": u.retry_count, "b_now": now}
+                for key, u in latest.items()
+            ]
+            stmt = self._sql_status_many
+        with self._errors(), self._serial, self.engine.begin() as conn:
+            conn.execute(stmt, params)
+
+    def _build_status_sql(self) -> None:
+        """The batched status update, built once (see :meth:`update_status_many`)."""
+        t = self._t
+        finals = [str(EventStatus.COMPLETED), str(EventStatus.FAILED)]
+        processing = str(EventStatus.PROCESSING)
+        self._sql_status_many_pg: sa.TextClause | None = None
+        if self.is_postgres:
+            prep = self.engine.dialect.identifier_preparer
+            table = prep.format_table(t)
+            q = prep.quote
+            self._sql_status_many_pg = sa.text(
+                f"UPDATE {table} AS t SET {q('status')} = u.status, {q('error')} = u.error, "
+                f"{q('retry_count')} = coalesce(u.retry_count, t.{q('retry_count')}), "
+                f"{q('processed_at')} = CASE WHEN u.status = '{processing}' THEN :now "
+                f"WHEN u.status IN ('{finals[0]}', '{finals[1]}') "
+                f"THEN coalesce(t.{q('processed_at')}, :now) ELSE t.{q('processed_at')} END, "
+                f"{q('completed_at')} = CASE WHEN u.status IN ('{finals[0]}', '{finals[1]}') "
+                f"THEN :now ELSE t.{q('completed_at')} END "
+                f"FROM jsonb_to_recordset(CAST(:doc AS jsonb)) "
+                f"AS u(id uuid, status text, error text, retry_count integer) "
+                f"WHERE t.{q('id')} = u.id"
+            ).bindparams(sa.bindparam("now", type_=sa.DateTime(timezone=True)))
+        status = sa.bindparam("b_status", type_=sa.String())
+        when = sa.bindparam("b_now", type_=t.c.processed_at.type)
+        final = sa.or_(status == finals[0], status == finals[1])  # no IN: executemany
+        self._sql_status_many = (
+            t.update()
+            .where(t.c.id == sa.bindparam("b_id", type_=t.c.id.type))
+            .values(
+                status=status,
+                error=sa.bindparam("b_error", type_=sa.Text()),
+                retry_count=sa.func.coalesce(
+                    sa.bindparam("b_retry", type_=sa.Integer()), t.c.retry_count
+                ),
+                processed_at=sa.case(
+                    (status == processing, when),
+                    (final, sa.func.coalesce(t.c.processed_at, when)),
+                    else_=t.c.processed_at,
+                ),
+                completed_at=sa.case((final, when), else_=t.c.completed_at),
+            )
+        )
 
     def delete(self, event_id: str) -> None:
         """Remove the stored event (unknown ids are ignored)."""

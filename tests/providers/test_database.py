@@ -221,6 +221,58 @@ def test_commit_order__many_concurrent_writers_lose_nothing(pg: DatabaseProvider
     assert all(v == sorted(v) for v in per_writer.values())  # each writer's commit order
 
 
+# -- batched status writes --------------------------------------------------------------------
+
+
+def test_update_status_many__one_statement_same_semantics_as_update_status(
+    provider: DatabaseProvider,
+) -> None:
+    """One UPDATE for the batch; timestamps and retry_count as update_status sets them;
+    unknown and malformed ids ignored; for a repeated id the last item wins."""
+    from sqlalchemy_eventbroker.providers.base import StatusUpdate
+
+    events = [_ev(i=i) for i in range(6)]
+    provider.store_many(events)
+    provider.update_status(events[2].id, EventStatus.PROCESSING)
+    before = provider.get(events[2].id)
+    assert before is not None and before.processed_at is not None
+    statements: list[str] = []
+
+    def seen(*a: Any) -> None:
+        statements.append(a[2])
+
+    sa.event.listen(provider.engine, "before_cursor_execute", seen)
+    try:
+        provider.update_status_many([
+            StatusUpdate(events[0].id, EventStatus.COMPLETED, "", 0),
+            StatusUpdate(events[1].id, EventStatus.FAILED, "boom", 3),
+            StatusUpdate(events[2].id, EventStatus.COMPLETED),
+            StatusUpdate(events[3].id, EventStatus.PROCESSING, "", None),
+            StatusUpdate(events[4].id, EventStatus.FAILED, "first", 1),
+            StatusUpdate(events[4].id, EventStatus.COMPLETED, "", 2),
+            StatusUpdate(new_event("database", "x.y").id, EventStatus.COMPLETED),
+            StatusUpdate("not-a-uuid", EventStatus.COMPLETED),
+        ])
+    finally:
+        sa.event.remove(provider.engine, "before_cursor_execute", seen)
+    updates = [st for st in statements if st.lstrip().upper().startswith("UPDATE")]
+    assert len(updates) == 1
+    got = {e.id: e for e in provider.list(EventFilter())}
+    e0, e1, e2, e3, e4, e5 = (got[e.id] for e in events)
+    assert (e0.status, e0.retry_count, e0.error) == (EventStatus.COMPLETED, 0, "")
+    assert e0.processed_at is not None and e0.completed_at is not None
+    assert (e1.status, e1.retry_count, e1.error) == (EventStatus.FAILED, 3, "boom")
+    assert e1.completed_at is not None
+    assert e2.status is EventStatus.COMPLETED
+    assert e2.processed_at == before.processed_at  # kept: it was set earlier
+    assert e2.completed_at is not None and e2.completed_at >= e2.processed_at
+    assert e3.status is EventStatus.PROCESSING and e3.retry_count == 0
+    assert e3.processed_at is not None and e3.completed_at is None
+    assert (e4.status, e4.retry_count) == (EventStatus.COMPLETED, 2)
+    assert e5.status is EventStatus.PENDING and e5.processed_at is None
+    provider.update_status_many([])  # nothing to do
+
+
 # -- transactional outbox ----------------------------------------------------------------------
 
 
