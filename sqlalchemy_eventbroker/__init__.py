@@ -90,7 +90,11 @@ _LAZY = {
     "subscribe": ".default",
     "unsubscribe": ".default",
 }
-_EXTRAS = {".providers.database": "postgres", ".providers.redis": "redis", ".providers.nats": "nats"}
+_EXTRAS = {
+    ".providers.database": "postgres",
+    ".providers.redis": "redis",
+    ".providers.nats": "nats",
+}
 
 
 def __getattr__(name: str) -> Any:

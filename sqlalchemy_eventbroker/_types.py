@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, TypeAlias, Union
+from typing import TYPE_CHECKING, TypeAlias
 
 if TYPE_CHECKING:
     from .event import Event
@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 __all__ = ["JSON", "Handler", "SubscriptionID"]
 
 #: Any value JSON can hold.
-JSON: TypeAlias = Union[dict[str, "JSON"], list["JSON"], str, int, float, bool, None]
+JSON: TypeAlias = dict[str, "JSON"] | list["JSON"] | str | int | float | bool | None
 
 #: A subscriber: a plain or ``async def`` callable taking the event.
 Handler: TypeAlias = Callable[["Event"], "object | Awaitable[object]"]

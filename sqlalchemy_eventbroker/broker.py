@@ -20,14 +20,14 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Self
 
 from prometheus_client import CollectorRegistry
 
 from . import signals
-from ._types import JSON, Handler, SubscriptionID
+from ._types import Handler, SubscriptionID
 from ._workers import AsyncRunner, StatusWriter, WorkerPool
 from .errors import (
     BrokerError,
@@ -103,8 +103,19 @@ class _Subscription:
 class _Job:
     """One event on its way through a set of handlers (one item per handler on retry)."""
 
-    __slots__ = ("event", "subs", "pending", "started", "delivery", "slot", "attempts",
-                 "failures", "last_errors", "inline_status", "lock")
+    __slots__ = (
+        "attempts",
+        "delivery",
+        "event",
+        "failures",
+        "inline_status",
+        "last_errors",
+        "lock",
+        "pending",
+        "slot",
+        "started",
+        "subs",
+    )
 
     def __init__(
         self,
@@ -265,7 +276,6 @@ class Broker:
         with self._lock:
             if self._stopped:
                 return
-            was_running = self._running
             self._running = False
             self._stopped = True
             subs = list(self._subs.values())
@@ -610,7 +620,7 @@ class Broker:
             provider.publish_many(events, origin=self._origin)  # type: ignore[attr-defined]
             return
         if len(events) > 1 and hasattr(provider, "publish_many"):
-            provider.publish_many(events)  # type: ignore[attr-defined]
+            provider.publish_many(events)
         else:
             for e in events:
                 provider.publish(e)
@@ -813,7 +823,7 @@ class Broker:
                 if exc is None:
                     break
                 attempt += 1
-                if attempt > policy.max_retries or not sub.active and sub.group is None:
+                if attempt > policy.max_retries or (not sub.active and sub.group is None):
                     job.failures.append((sub.id, exc))
                     self._log_failure(job.event, sub, exc, final=True)
                     break
@@ -1049,7 +1059,7 @@ class Broker:
             compile_pattern(pattern_or_filter)
             flt = EventFilter(type_pattern=pattern_or_filter if pattern_or_filter != "*" else "")
         if since is not None:
-            start = dt.datetime.now(dt.timezone.utc) - since if isinstance(since, dt.timedelta) \
+            start = dt.datetime.now(dt.UTC) - since if isinstance(since, dt.timedelta) \
                 else since
             flt = _replace(flt, start_time=start)
         iterate = getattr(self.provider, "iter_events", None)

@@ -17,7 +17,7 @@ from .errors import EventValidationError
 __all__ = ["Event", "EventSource", "EventStatus", "event_type", "new_event", "uuid7"]
 
 T = TypeVar("T")
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 class EventSource(StrEnum):
@@ -51,7 +51,9 @@ def uuid7() -> str:
     """
     ms = time.time_ns() // 1_000_000
     rand = int.from_bytes(os.urandom(10), "big")
-    n = (ms << 80) | (0x7 << 76) | ((rand >> 62) & 0xFFF) << 64 | (0b10 << 62) | (rand & ((1 << 62) - 1))
+    rand_a = (rand >> 62) & 0xFFF
+    rand_b = rand & ((1 << 62) - 1)
+    n = (ms << 80) | (0x7 << 76) | (rand_a << 64) | (0b10 << 62) | rand_b
     h = f"{n:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
@@ -95,11 +97,11 @@ class Event:
     def __post_init__(self) -> None:
         # Accept the plain strings too ("database"), as StrEnum members compare equal anyway.
         if self.source.__class__ is not EventSource:
-            src = _SOURCES.get(self.source)  # type: ignore[call-overload]
+            src = _SOURCES.get(self.source)
             if src is not None:
                 self.source = src
         if self.status.__class__ is not EventStatus:
-            st = _STATUSES.get(self.status)  # type: ignore[call-overload]
+            st = _STATUSES.get(self.status)
             if st is not None:
                 self.status = st
 

@@ -55,7 +55,7 @@ def compile_pattern(pattern: str) -> Matcher:
     if pattern == "*":
         return lambda event_type: True
     if "*" not in pattern:
-        return pattern.__eq__  # type: ignore[return-value]
+        return pattern.__eq__
     trailing = segments[-1] == "**"
     fixed = segments[:-1] if trailing else segments
     n = len(fixed)
@@ -68,10 +68,7 @@ def compile_pattern(pattern: str) -> Matcher:
                 return False
         elif len(parts) != n:
             return False
-        for i, seg in checks:
-            if parts[i] != seg:
-                return False
-        return True
+        return all(parts[i] == seg for i, seg in checks)
 
     match.__name__ = f"match_{pattern}"
     return match

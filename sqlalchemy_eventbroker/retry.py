@@ -61,7 +61,8 @@ class RetryPolicy:
                     f"retry_policy.{name}: expected a number of seconds >= 0, got {v!r}",
                     path=f"retry_policy.{name}",
                 )
-        if isinstance(self.backoff_factor, bool) or not isinstance(self.backoff_factor, int | float) \
+        factor = self.backoff_factor
+        if isinstance(factor, bool) or not isinstance(factor, int | float) \
                 or self.backoff_factor < 1:
             raise ConfigError(
                 f"retry_policy.backoff_factor: expected a number >= 1, got {self.backoff_factor!r}",

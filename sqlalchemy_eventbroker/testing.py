@@ -50,7 +50,9 @@ class EventRecorder:
         with self._cond:
             self._events.clear()
 
-    def wait_until(self, condition: Callable[[list[Event]], bool], timeout: float = 10.0) -> list[Event]:
+    def wait_until(
+        self, condition: Callable[[list[Event]], bool], timeout: float = 10.0
+    ) -> list[Event]:
         """Wait until ``condition(events)`` holds; return the events.
 
         Raises:

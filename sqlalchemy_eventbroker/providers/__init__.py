@@ -8,13 +8,29 @@ from __future__ import annotations
 
 from .base import (
     BatchProvider as BatchProvider,
+)
+from .base import (
     Delivery as Delivery,
+)
+from .base import (
     EventFilter as EventFilter,
+)
+from .base import (
     EventStream as EventStream,
+)
+from .base import (
     GroupStream as GroupStream,
+)
+from .base import (
     Provider as Provider,
+)
+from .base import (
     ProviderBase as ProviderBase,
+)
+from .base import (
     ProviderStats as ProviderStats,
+)
+from .base import (
     TransactionalProvider as TransactionalProvider,
 )
 

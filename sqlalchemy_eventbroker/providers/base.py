@@ -99,9 +99,7 @@ class EventFilter:
             return False
         if self.start_time is not None and event.created_at < self.start_time:
             return False
-        if self.end_time is not None and event.created_at >= self.end_time:
-            return False
-        return True
+        return self.end_time is None or event.created_at < self.end_time
 
 
 @dataclass(slots=True, kw_only=True)
@@ -186,7 +184,7 @@ class Provider(Protocol):
 
     def get(self, event_id: str) -> Event | None: ...
 
-    def list(self, filter: EventFilter) -> list[Event]:  # noqa: A002 - the contract's name
+    def list(self, filter: EventFilter) -> list[Event]:
         """Stored events that pass ``filter``, oldest first."""
         ...
 

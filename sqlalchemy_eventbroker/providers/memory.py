@@ -27,7 +27,7 @@ from .base import EventFilter, ProviderBase, ProviderStats, QueueEventStream, St
 
 __all__ = ["MemoryProvider"]
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 class MemoryProvider(ProviderBase):
@@ -59,7 +59,7 @@ class MemoryProvider(ProviderBase):
         # id -> (insertion seq, event); OrderedDict order is recency for LRU eviction.
         self._events: collections.OrderedDict[str, tuple[int, Event]] = collections.OrderedDict()
         self._seq = itertools.count(1)
-        self._streams: list[QueueEventStream] = []
+        self._streams: list[_CountingStream] = []
         self._groups: dict[tuple[str, str], _Group] = {}
         self._published = 0
         self._consumed = 0
@@ -101,7 +101,7 @@ class MemoryProvider(ProviderBase):
             self._events.move_to_end(event_id)
             return item[1].clone()
 
-    def list(self, filter: EventFilter | None = None) -> builtins.list[Event]:  # noqa: A002
+    def list(self, filter: EventFilter | None = None) -> builtins.list[Event]:
         flt = filter or EventFilter()
         with self._lock:
             self._check_open()
@@ -304,7 +304,7 @@ class _Group:
         """Put expired leases back in front; return the next deadline, if any."""
         next_deadline: float | None = None
         expired = []
-        for eid, (deadline, event, _) in self.leased.items():
+        for eid, (deadline, _event, _) in self.leased.items():
             if deadline <= now:
                 expired.append(eid)
             elif next_deadline is None or deadline < next_deadline:
@@ -315,7 +315,7 @@ class _Group:
 
 
 class _Delivery:
-    __slots__ = ("event", "_group", "_lease", "_token", "_acked")
+    __slots__ = ("_acked", "_group", "_lease", "_token", "event")
 
     def __init__(self, group: _Group, event: Event, lease: float, token: int) -> None:
         self.event = event
