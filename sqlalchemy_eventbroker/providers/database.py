@@ -160,6 +160,38 @@ def _row_event(row: Sequence[Any]) -> Event:
     )
 
 
+#: A pooled connection idle for longer than this is pinged before use (see _ping_when_idle).
+_PING_AFTER_IDLE = 1.0
+
+
+def _ping_when_idle(engine: Engine, after: float = _PING_AFTER_IDLE) -> None:
+    """``pool_pre_ping``, but only for connections that sat in the pool over ``after`` s.
+
+    A ping is a round trip, as much as the statement it protects when the provider is busy
+    (a store is one autocommit statement). A connection that was in use a moment ago is
+    alive with near certainty; one that slept may have been cut (server restart, idle
+    timeout, ``pg_terminate_backend``) and is replaced transparently, as with pre-ping. A
+    connection that dies between uses anyway fails its statement with a ProviderError and
+    the engine then invalidates the pool, so the next call reconnects.
+    """
+
+    @sa.event.listens_for(engine, "checkin")
+    def _checkin(dbapi_conn: Any, record: Any) -> None:
+        record.info["eventbroker_idle_since"] = time.monotonic()
+
+    @sa.event.listens_for(engine, "checkout")
+    def _checkout(dbapi_conn: Any, record: Any, proxy: Any) -> None:
+        since = record.info.get("eventbroker_idle_since")
+        if since is None or time.monotonic() - since <= after:
+            return
+        try:
+            alive = engine.dialect.do_ping(dbapi_conn)
+        except Exception as exc:  # noqa: BLE001 - any failure: this connection is gone
+            raise sa_exc.DisconnectionError(str(exc)) from exc
+        if not alive:
+            raise sa_exc.DisconnectionError("ping failed")
+
+
 def _like_escape(text: str) -> str:
     return text.replace("/", "//").replace("%", "/%").replace("_", "/_")
 
@@ -298,6 +330,7 @@ class DatabaseProvider(ProviderBase):
         self._stored_unpublished: dict[str, None] = {}
         self._share_cache: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
         self._pg_insert_sql = self._build_pg_insert() if self.is_postgres else None
+        self._pg_page_sql = self._build_pg_page_sql() if self.is_postgres else None
         self._build_group_sql()
         self._build_status_sql()
         self._ping()
@@ -315,7 +348,7 @@ class DatabaseProvider(ProviderBase):
         backend, _, driver = url.drivername.partition("+")
         if driver in _ASYNC_DRIVERS:
             url = url.set(drivername=f"{backend}+{_ASYNC_DRIVERS[driver]}")
-        kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        kwargs: dict[str, Any] = {}
         if backend == "postgresql":
             if not driver or driver in _ASYNC_DRIVERS:
                 url = url.set(drivername="postgresql+psycopg")
@@ -324,7 +357,10 @@ class DatabaseProvider(ProviderBase):
         elif backend == "sqlite" and url.database in (None, "", ":memory:"):
             kwargs = {"poolclass": sa.pool.StaticPool,
                       "connect_args": {"check_same_thread": False}}
-        return sa.create_engine(url, **kwargs), True
+        engine = sa.create_engine(url, **kwargs)
+        if backend != "sqlite":
+            _ping_when_idle(engine)
+        return engine, True
 
     def _is_memory_sqlite(self) -> bool:
         return self.dialect == "sqlite" and self.url.database in (None, "", ":memory:")
@@ -468,7 +504,7 @@ class DatabaseProvider(ProviderBase):
         self._check_open()
         self._check_ids(events)
         try:
-            with self._errors(), self._serial, self.engine.begin() as conn:
+            with self._errors(), self._serial, self._one_statement_conn() as conn:
                 self._insert(conn, events)
         except ProviderError as exc:
             if not isinstance(exc.__cause__, sa_exc.IntegrityError):
@@ -910,13 +946,20 @@ class DatabaseProvider(ProviderBase):
             sa.BigInteger,
         )
 
-    def _read_page(self, cursor: Cursor, limit: int) -> _Page:
+    def _read_page(self, cursor: Cursor, limit: int, raw: Any = None) -> _Page:
         """Rows past ``cursor`` that can never again be preceded by a later commit.
 
         PostgreSQL: rows ordered by ``(tx_id, seq)``; a row counts only when its ``tx_id`` is
         below the statement's snapshot ``xmin`` (every older transaction has ended). Later
-        visible rows are reported as ``held_back`` so the caller looks again soon.
+        visible rows are reported as ``held_back`` so the caller looks again soon. ``raw``: a
+        psycopg connection in autocommit mode to read on instead of a pooled one.
         """
+        if raw is not None and self._pg_page_sql is not None:
+            # The listener's own autocommit connection: one round trip, no pool checkout.
+            rows: Sequence[Any] = raw.execute(
+                self._pg_page_sql, (cursor[0], cursor[1], limit), prepare=True
+            ).fetchall()
+            return self._page(rows, cursor, limit)
         t = self._t
         if self.is_postgres:
             stmt = (
@@ -931,6 +974,10 @@ class DatabaseProvider(ProviderBase):
             ).order_by(t.c.seq).limit(limit)
         with self._errors(), self._serial, self.engine.connect() as conn:
             rows = conn.execute(stmt).all()
+        return self._page(rows, cursor, limit)
+
+    @staticmethod
+    def _page(rows: Sequence[Any], cursor: Cursor, limit: int) -> _Page:
         events: list[tuple[Event, int, int]] = []
         held = False
         for row in rows:
@@ -940,6 +987,16 @@ class DatabaseProvider(ProviderBase):
             cursor = (int(row[17]), int(row[18]))
             events.append((_row_event(row), *cursor))
         return _Page(events, cursor, held, len(rows) == limit and not held)
+
+    def _build_pg_page_sql(self) -> str:
+        """``_read_page``'s query as plain SQL for the listener's psycopg connection."""
+        prep = self.engine.dialect.identifier_preparer
+        cols = ", ".join(prep.quote(c) for c in EVENT_COLUMNS)
+        return (
+            f"SELECT {cols}, tx_id, seq, tx_id < CAST(CAST(pg_snapshot_xmin("
+            f"pg_current_snapshot()) AS text) AS bigint) FROM {prep.format_table(self._t)} "
+            f"WHERE (tx_id, seq) > (%s::bigint, %s::bigint) ORDER BY tx_id, seq LIMIT %s"
+        )
 
     # -- fan-out streams ---------------------------------------------------------------
 
@@ -1225,6 +1282,18 @@ class DatabaseProvider(ProviderBase):
             return bool(conn.execute(self._sql_renew, params).rowcount)
 
     @contextmanager
+    def _one_statement_conn(self) -> Iterator[Connection]:
+        """A connection for work that is ONE statement. PostgreSQL: autocommit (a single
+        statement is its own transaction: no BEGIN/COMMIT round trips); elsewhere a
+        transaction."""
+        if self.is_postgres:
+            with self.engine.connect() as conn:
+                yield conn.execution_options(isolation_level="AUTOCOMMIT")
+        else:
+            with self.engine.begin() as conn:
+                yield conn
+
+    @contextmanager
     def _group_conn(self) -> Iterator[Connection]:
         """A connection for claim/ack/renew. PostgreSQL: autocommit, one statement each;
         elsewhere one transaction (SQLite's claim is a compare-and-set of two statements)."""
@@ -1430,10 +1499,14 @@ class _Listener(threading.Thread):
         self._close_conn()
 
     def _loop(self, retry: _Backoff) -> None:
-        soon = _Backoff(0.01, 0.5)
+        # Held-back rows wait for some other transaction to end, usually a short one (a
+        # status write, a claim): look again within milliseconds, then less often.
+        soon = _Backoff(0.002, 0.25)
         while not self._stopping.is_set():
             held = self._drain()
             retry.reset()
+            if self._notified():
+                continue  # a wake-up arrived while reading: read again at once
             if held:
                 timeout = soon.next()
             else:
@@ -1444,8 +1517,9 @@ class _Listener(threading.Thread):
     def _drain(self) -> bool:
         """Read every page past the cursor; True when rows are held back (look again soon)."""
         p = self.provider
+        raw = self._conn if self.mode == "notify" else None
         while not self._stopping.is_set():
-            page = p._read_page(self.cursor, p.page_size)
+            page = p._read_page(self.cursor, p.page_size, raw)
             if page.events:
                 self.cursor = page.cursor
                 p._dispatch(page.events)
@@ -1458,6 +1532,22 @@ class _Listener(threading.Thread):
             if not page.full:
                 return page.held_back
         return False
+
+    def _notified(self) -> bool:
+        """Take the notifications already received (also those that came in while the
+        connection ran a query, which psycopg keeps); True if there were any."""
+        conn = self._conn
+        if conn is None:
+            return False
+        got = False
+        for _ in conn.notifies(timeout=0):
+            got = True
+        if got:
+            p = self.provider
+            with p._wake:  # group members wait on the same news
+                p._wake_gen += 1
+                p._wake.notify_all()
+        return got
 
     def _wait(self, timeout: float) -> None:
         conn = self._conn
