@@ -55,7 +55,7 @@ class MemoryProvider(ProviderBase):
         self.max_events = max_events
         self.cleanup_interval = float(cleanup_interval)
         self.max_age = float(max_age)
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
         # id -> (insertion seq, event); OrderedDict order is recency for LRU eviction.
         self._events: collections.OrderedDict[str, tuple[int, Event]] = collections.OrderedDict()
         self._seq = itertools.count(1)

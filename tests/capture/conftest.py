@@ -171,9 +171,7 @@ def capture_pg_url(postgres_server_url: str) -> Iterator[str]:
         admin.dispose()
 
 
-@pytest.fixture(params=["sqlite-sync", "sqlite-async", "postgresql-sync", "postgresql-async"])
-def h(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Harness]:
-    """The harness for one (database, session kind) combination."""
+def _harness(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Harness]:
     dialect, kind = request.param.split("-")
     url = (request.getfixturevalue("capture_pg_url") if dialect == "postgresql"
            else request.getfixturevalue("sqlite_url"))
@@ -182,6 +180,24 @@ def h(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Harness]:
         yield harness
     finally:
         harness.close()
+
+
+@pytest.fixture(params=["sqlite-sync", "sqlite-async", "postgresql-sync", "postgresql-async"])
+def h(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Harness]:
+    """The harness for one (database, session kind) combination."""
+    yield from _harness(request, tmp_path)
+
+
+@pytest.fixture(params=["sqlite-sync", "postgresql-sync"])
+def h_sync(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Harness]:
+    """The harness with plain (threaded) sessions only, on both databases."""
+    yield from _harness(request, tmp_path)
+
+
+@pytest.fixture(params=["sqlite-async", "postgresql-async"])
+def h_async(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Harness]:
+    """The harness with AsyncSession only, on both databases."""
+    yield from _harness(request, tmp_path)
 
 
 @pytest.fixture

@@ -520,10 +520,9 @@ def test_remove__detaches_every_listener(h: Harness) -> None:
     assert h.events == []
 
 
-def test_threads__context_is_per_thread(h: Harness) -> None:
+def test_threads__context_is_per_thread(h_sync: Harness) -> None:
     """event_context in one thread does not leak into another."""
-    if h.is_async:
-        pytest.skip("the asyncio twin is test_tasks__context_is_per_task")
+    h = h_sync
     h.capture()
     barrier = threading.Barrier(2)
 
@@ -541,10 +540,9 @@ def test_threads__context_is_per_thread(h: Harness) -> None:
     assert all(e.payload["name"] == f"u{e.user_id}" for e in h.events)
 
 
-def test_tasks__context_is_per_task(h: Harness) -> None:
+def test_tasks__context_is_per_task(h_async: Harness) -> None:
     """With AsyncSession used natively, each asyncio task sees its own event_context."""
-    if not h.is_async:
-        pytest.skip("the threaded twin is test_threads__context_is_per_thread")
+    h = h_async
     import asyncio
 
     h.capture()
@@ -566,10 +564,9 @@ def test_tasks__context_is_per_task(h: Harness) -> None:
     assert all(e.payload["name"] == f"u{e.user_id}" for e in h.events)
 
 
-def test_async__native_bulk_and_unit_of_work(h: Harness) -> None:
+def test_async__native_bulk_and_unit_of_work(h_async: Harness) -> None:
     """AsyncSession add/flush/execute/commit go through the same capture."""
-    if not h.is_async:
-        pytest.skip("async sessions only")
+    h = h_async
     h.capture()
 
     async def main() -> None:
