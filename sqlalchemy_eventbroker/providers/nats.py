@@ -15,7 +15,20 @@ Subjects and streams
 
 Store
     A key-value bucket (``<stream_name>_store``, history 1) maps event id → event JSON.
-    ``update_status`` is a compare-and-set on the key's revision (retried on conflict).
+    ``update_status`` is a compare-and-set on the key's revision (retried on conflict);
+    ``update_status_many`` runs the updates of different events concurrently.
+    The broker calls ``store`` and then ``publish`` for each event; ``store`` is therefore
+    *deferred* for up to ``store_delay`` seconds (default 20 ms) and rides on the
+    ``publish``: the put is written to the connection ahead of the publish and both acks are
+    awaited together (one round trip instead of two). Read-your-writes holds within the
+    provider object: ``get``, ``update_status``, ``delete``, ``list`` and ``stats`` first
+    write the deferred stores they depend on. A store whose publish never comes is written
+    by a flusher thread after ``store_delay`` (retried while the server is away; failures
+    counted in ``provider_specific["deferred_store_failures"]``) or at ``close()``. Other
+    processes see a lone ``store`` up to ``store_delay`` later; ``store_delay=0`` writes at
+    once. Put and publish go to two JetStream streams: the server receives the put first,
+    and a consumer's status write-back (after receiving and handling the event) finds it
+    stored; ``publish`` returns only when both are acknowledged.
     ``list`` and ``stats`` read the latest value of every key (a KV watch), then filter and
     sort oldest ``created_at`` first in Python: their cost grows with the number of stored
     events. ``max_age`` bounds how long the stream and the bucket keep events.
@@ -40,8 +53,9 @@ Guarantees and limits
       file storage and is delivered to groups and to open fan-out streams afterwards.
     * Group delivery is at least once; fan-out delivery is exactly once per open stream.
     * Order is the stream's order (per publisher: publish order).
-    * Ack, renew and nak are fire-and-forget messages: one lost during a disconnect means a
-      redelivery after the lease, never a loss.
+    * Ack, renew and nak are fire-and-forget messages, queued and sent in batches (one task
+      on the loop per batch): one lost during a disconnect means a redelivery after the
+      lease, never a loss.
 
 Errors from nats-py surface as ``ProviderError("nats at <url>: ...")`` from one place,
 :func:`_translate_errors`. ``close()`` drains the connection and stops the loop thread.
@@ -73,8 +87,9 @@ from .._types import JSON
 from ..errors import ProviderError
 from ..event import Event, EventStatus
 from ..pattern import compile_pattern, validate_pattern
+from ._deferred import DeferredStores, Entry
 from ._loop import LoopClosed, LoopThread
-from .base import EventFilter, ProviderBase, ProviderStats, QueueEventStream
+from .base import EventFilter, ProviderBase, ProviderStats, QueueEventStream, StatusUpdate
 
 __all__ = ["NatsProvider"]
 
@@ -85,6 +100,7 @@ _BAD_SUBJECT = re.compile(r"[\s*>]|^\.|\.\.|\.$")
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_-]")
 _UTC = dt.UTC
 _ORIGIN = "Eventbroker-Origin"
+_ACK, _NAK, _WPI, _TERM = b"+ACK", b"-NAK", b"+WPI", b"+TERM"
 
 
 def _safe_url(url: str) -> str:
@@ -166,11 +182,11 @@ class _NatsDelivery:
     def ack(self) -> None:
         if not self.done:
             self.done = True
-            self._stream._send(self.msg.ack())
+            self._stream._reply(self.msg, _ACK)
 
     def renew(self) -> None:
         if not self.done:
-            self._stream._send(self.msg.in_progress())
+            self._stream._reply(self.msg, _WPI)
             self.received_at = time.monotonic()
 
     def __repr__(self) -> str:
@@ -193,6 +209,8 @@ class _NatsGroupStream:
         self._recv_lock = threading.Lock()
         self._closed = threading.Event()
         self._fetching: concurrent.futures.Future[Any] | None = None
+        self._replies: list[tuple[str, bytes]] = []
+        self._replies_lock = threading.Lock()
         with _translate_errors(provider._address):
             self._sub = provider._loop.run(self._bind(), provider.request_timeout * 2)
 
@@ -222,18 +240,36 @@ class _NatsGroupStream:
             ))
         return await js.pull_subscribe_bind(durable=self.durable, stream=stream)
 
-    def _send(self, coro: Any) -> None:
-        """Queue an ack/renew/nak on the loop without waiting: each is one message written
-        to the client's buffer, in order, and a lost one only means a redelivery later."""
-        try:
-            future = self._p._loop.submit(coro)
-        except LoopClosed:
+    def _reply(self, msg: Msg, payload: bytes) -> None:
+        """Queue an ack (``+ACK``), renew (``+WPI``), nak or term for ``msg``; replies queued
+        together go out in one task on the loop, in order (one cross-thread hop per batch
+        instead of one per message). Fire-and-forget like ``_send``."""
+        if not msg.reply:
             return
-        future.add_done_callback(self._log_failure)
+        with self._replies_lock:
+            first = not self._replies
+            self._replies.append((msg.reply, payload))
+        if first:
+            try:
+                self._p._loop.call_soon(self._flush_replies)
+            except LoopClosed:
+                pass
 
-    def _log_failure(self, future: concurrent.futures.Future[Any]) -> None:
-        if not future.cancelled() and future.exception() is not None:
-            log.warning("nats group %s: %s", self.durable, future.exception())
+    def _flush_replies(self) -> None:  # on the loop
+        with self._replies_lock:
+            replies, self._replies = self._replies, []
+        if replies:
+            task = self._p._loop.loop.create_task(self._send_replies(replies))
+            task.add_done_callback(self._log_task_failure)
+
+    async def _send_replies(self, replies: list[tuple[str, bytes]]) -> None:
+        publish = self._p._nc.publish
+        for subject, payload in replies:
+            await publish(subject, payload)
+
+    def _log_task_failure(self, task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("nats group %s: %s", self.durable, task.exception())
 
     def receive(self, timeout: float | None = None) -> _NatsDelivery | None:
         deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
@@ -278,13 +314,13 @@ class _NatsGroupStream:
             subject = msg.subject
             etype = subject[len(self._p.subject_prefix) + 1:]
             if not self._match(etype):  # the server filters; this only guards odd subjects
-                self._send(msg.ack())
+                self._reply(msg, _ACK)
                 continue
             try:
                 event = Event.from_json(msg.data)
             except Exception:
                 log.exception("nats group %s: unreadable message on %s", self.durable, subject)
-                self._send(msg.term())
+                self._reply(msg, _TERM)
                 continue
             self._buffer.append(_NatsDelivery(event, msg, self))
 
@@ -315,7 +351,7 @@ class _NatsGroupStream:
         for d in buffered:  # hand what we never read to another member at once
             if not d.done:
                 d.done = True
-                self._send(d.msg.nak())
+                self._reply(d.msg, _NAK)
         with contextlib.suppress(*_DRIVER_ERRORS):
             self._p._loop.run(self._sub.unsubscribe(), self._p.request_timeout)
         self._p._forget_group(self)
@@ -347,6 +383,9 @@ class NatsProvider(ProviderBase):
         connect_timeout: seconds to wait for the first connection.
         reconnect_wait: seconds between reconnection attempts (nats-py retries forever).
         max_ack_pending: cap on unacknowledged messages per group.
+        store_delay: seconds a ``store`` may wait for the ``publish`` of the same event, so
+            that the key-value put and the stream publish are in flight together (see
+            "Store" in the module docstring); 0 writes every ``store`` at once.
 
     Raises:
         ProviderError: no server answers at ``url``, or JetStream is not enabled there.
@@ -373,6 +412,7 @@ class NatsProvider(ProviderBase):
         connect_timeout: float = 5.0,
         reconnect_wait: float = 0.5,
         max_ack_pending: int = 10_000,
+        store_delay: float = 0.02,
     ) -> None:
         if not stream_name or re.search(r"[\s.*>/\\]", stream_name):
             raise ValueError(f"NatsProvider: invalid stream_name {stream_name!r}")
@@ -393,6 +433,12 @@ class NatsProvider(ProviderBase):
         self.connect_timeout = connect_timeout
         self.reconnect_wait = reconnect_wait
         self.max_ack_pending = max_ack_pending
+        if store_delay < 0:
+            raise ValueError(f"NatsProvider: store_delay must be >= 0, got {store_delay}")
+        self.store_delay = store_delay
+        self._deferred = (DeferredStores(self._write_stored, delay=store_delay,
+                                         name=f"eventbroker-nats-store-{stream_name}")
+                          if store_delay > 0 else None)
         self.bucket = f"{_safe_name(stream_name)}_store"
         self._address = _safe_url(url)
         self._lock = threading.Lock()
@@ -509,20 +555,47 @@ class NatsProvider(ProviderBase):
 
     # -- store ---------------------------------------------------------------------------------
 
+    async def _put_all(self, items: Sequence[tuple[str, bytes]]) -> None:
+        """Put ``(id, json)`` items with every put in flight at once, then wait for the acks."""
+        pre = self._kv._pre
+        publish_async = self._js.publish_async
+        for i in range(0, len(items), 1000):
+            futures = [await publish_async(pre + key, value) for key, value in items[i:i + 1000]]
+            await asyncio.wait_for(asyncio.gather(*futures), self.request_timeout)
+
+    def _write_stored(self, items: Sequence[tuple[str, bytes]]) -> None:
+        self._run(self._put_all(items), self.request_timeout * (2 + len(items) // 1000))
+
+    def _settle(self, event_ids: Sequence[str] | None) -> None:
+        """Write the deferred stores of ``event_ids`` (all when ``None``) before reading or
+        changing them: read-your-writes within this provider."""
+        if self._deferred is not None and len(self._deferred):
+            self._deferred.settle(event_ids)
+
+    def _store_items(self, events: Sequence[Event]) -> list[tuple[str, bytes]]:
+        if self._closed:
+            raise ProviderError(f"nats at {self._address}: the provider is closed")
+        items = []
+        for e in events:
+            if not nats.js.kv._is_key_valid(e.id):
+                raise ProviderError(f"nats at {self._address}: invalid key {e.id!r}")
+            items.append((e.id, e.to_json().encode()))
+        return items
+
     def store(self, event: Event) -> None:
-        self._run(self._kv.put(event.id, event.to_json().encode()))
+        """Store ``event``; with ``store_delay`` the put may ride on its ``publish``."""
+        self.store_many((event,))
 
     def store_many(self, events: Sequence[Event]) -> None:
-        """Store ``events`` with their puts pipelined on the one connection."""
+        """Store ``events`` with every put in flight at once (deferred like ``store``)."""
         if not events:
             return
-
-        async def put_all() -> None:
-            for i in range(0, len(events), self.batch_size):
-                await asyncio.gather(*(self._kv.put(e.id, e.to_json().encode())
-                                       for e in events[i:i + self.batch_size]))
-
-        self._run(put_all(), self.request_timeout * (2 + len(events) // self.batch_size))
+        items = self._store_items(events)
+        if self._deferred is not None:
+            for item in items:
+                self._deferred.add(item[0], item)
+        else:
+            self._write_stored(items)
 
     async def _get(self, event_id: str) -> tuple[Event, int] | None:
         try:
@@ -536,6 +609,8 @@ class NatsProvider(ProviderBase):
         return Event.from_json(entry.value), int(entry.revision or 0)
 
     def get(self, event_id: str) -> Event | None:
+        if self._deferred is not None and event_id in self._deferred:
+            self._settle([event_id])
         found = self._run(self._get(event_id))
         return found[0] if found else None
 
@@ -575,6 +650,7 @@ class NatsProvider(ProviderBase):
 
         Reads every stored event (see the module docstring): cost grows with the bucket.
         """
+        self._settle(None)
         events = [e for e in self._run(self._scan(), None) if filter.matches(e)]
         events.sort(key=lambda e: (e.created_at, e.id))
         events = events[filter.offset:]
@@ -609,13 +685,38 @@ class NatsProvider(ProviderBase):
         self, event_id: str, status: EventStatus, error: str = "", *,
         retry_count: int | None = None,
     ) -> None:
+        if self._deferred is not None and event_id in self._deferred:
+            self._settle([event_id])
         self._run(self._update(event_id, EventStatus(status), error, retry_count))
+
+    def update_status_many(self, updates: Sequence[StatusUpdate]) -> None:
+        """Apply ``updates`` (same semantics as ``update_status`` each), the updates of
+        different events concurrently, those of one event in order."""
+        if not updates:
+            return
+        self._settle([u.event_id for u in updates])
+        by_id: dict[str, list[StatusUpdate]] = {}
+        for u in updates:
+            by_id.setdefault(u.event_id, []).append(u)
+
+        async def one(chain: list[StatusUpdate]) -> None:
+            for u in chain:
+                await self._update(u.event_id, EventStatus(u.status), u.error, u.retry_count)
+
+        async def apply() -> None:
+            chains = list(by_id.values())
+            for i in range(0, len(chains), 500):
+                await asyncio.gather(*(one(c) for c in chains[i:i + 500]))
+
+        self._run(apply(), self.request_timeout * (3 + len(by_id) // 500))
 
     def delete(self, event_id: str) -> None:
         async def purge() -> None:
             with contextlib.suppress(nats.js.errors.InvalidKeyError):
                 await self._kv.purge(event_id)
 
+        if self._deferred is not None and event_id in self._deferred:
+            self._settle([event_id])
         self._run(purge())
 
     # -- transport -----------------------------------------------------------------------------
@@ -629,41 +730,63 @@ class NatsProvider(ProviderBase):
         return f"{self.subject_prefix}.{event.type}"
 
     def publish(self, event: Event) -> None:
-        subject = self._subject(event)
-        self._run(self._js.publish(subject, event.to_json().encode(), stream=self.stream_name,
-                                   timeout=self.request_timeout))
-        with self._lock:
-            self._published += 1
+        self.publish_many((event,))
 
     def publish_many(self, events: Sequence[Event], *, origin: str | None = None) -> None:
         """Publish ``events`` asynchronously and wait for all the server's acks.
 
+        The deferred stores of these events are put in the same go, every put sent ahead of
+        the publishes on the one connection: one round trip for store + publish.
         ``origin`` goes in a header, so that a stream opened with the same
         ``exclude_origin`` skips these messages (a broker ignoring its own events).
         """
         if not events:
             return
+        if self._closed:
+            raise ProviderError(f"nats at {self._address}: the provider is closed")
         subjects = [self._subject(e) for e in events]
+        deferred = self._deferred
+        claimed: list[Entry] = (deferred.acquire([e.id for e in events])
+                                if deferred is not None and len(deferred) else [])
+        stored = [c.item for c in claimed]
         headers = {_ORIGIN: origin} if origin else None
-        if len(events) == 1:
-            self._run(self._js.publish(subjects[0], events[0].to_json().encode(),
-                                       stream=self.stream_name, timeout=self.request_timeout,
-                                       headers=headers))
-            with self._lock:
-                self._published += 1
-            return
+        pre = self._kv._pre if stored else ""
+        stream = self.stream_name
+        size = max(self.batch_size, 1000)
 
-        async def publish_all() -> None:
-            for i in range(0, len(events), self.batch_size):
-                futures = [
-                    await self._js.publish_async(s, e.to_json().encode(), stream=self.stream_name,
-                                                 headers=headers)
-                    for s, e in zip(subjects[i:i + self.batch_size],
-                                    events[i:i + self.batch_size], strict=True)
-                ]
-                await asyncio.wait_for(asyncio.gather(*futures), self.request_timeout)
+        async def with_puts() -> None:
+            if not stored:
+                await publish_events()
+                return
+            puts: list[asyncio.Future[Any]] = []
+            publish_async = self._js.publish_async
+            for key, value in stored:
+                puts.append(await publish_async(pre + key, value))
+            # The puts go out ahead of the publishes; their acks are awaited together.
+            await asyncio.gather(publish_events(), asyncio.wait_for(asyncio.gather(*puts),
+                                                                    self.request_timeout))
 
-        self._run(publish_all(), self.request_timeout * (2 + len(events) // self.batch_size))
+        async def publish_events() -> None:
+            publish_async = self._js.publish_async
+            futures = []
+            for i, e in enumerate(events):
+                futures.append(await publish_async(
+                    subjects[i], e.to_json().encode(), stream=stream,
+                    headers=dict(headers) if headers else None))
+                if len(futures) >= size:
+                    await asyncio.wait_for(asyncio.gather(*futures), self.request_timeout)
+                    futures = []
+            await asyncio.wait_for(asyncio.gather(*futures), self.request_timeout)
+
+        try:
+            self._run(with_puts(),
+                      self.request_timeout * (3 + (len(events) + len(stored)) // size))
+        except BaseException:
+            if deferred is not None:  # stays deferred: the flusher tries again
+                deferred.release(claimed, written=False)
+            raise
+        if deferred is not None:
+            deferred.release(claimed, written=True)
         with self._lock:
             self._published += len(events)
 
@@ -729,6 +852,8 @@ class NatsProvider(ProviderBase):
     # -- lifecycle -----------------------------------------------------------------------------
 
     def stats(self) -> ProviderStats:
+        self._settle(None)
+
         async def gather() -> tuple[list[Event], Any, Any, list[Any]]:
             events = await self._scan()
             sinfo = await self._js.stream_info(self.stream_name)
@@ -767,11 +892,14 @@ class NatsProvider(ProviderBase):
                 "bucket": self.bucket,
                 "bucket_messages": kinfo.state.messages,
                 "groups": groups,
+                "deferred_store_failures": (self._deferred.failures
+                                            if self._deferred is not None else 0),
             },
         )
 
     def drop(self) -> None:
         """Delete the stream (with its consumers) and the store bucket. For tests."""
+        self._settle(None)
 
         async def delete() -> None:
             for name in (self.stream_name, f"KV_{self.bucket}"):
@@ -781,7 +909,13 @@ class NatsProvider(ProviderBase):
         self._run(delete())
 
     def close(self) -> None:
-        """End every open stream, close the connection and stop the loop thread."""
+        """Write deferred stores, end every open stream, close the connection and stop the
+        loop thread."""
+        with self._lock:
+            if self._closed:
+                return
+        if self._deferred is not None:
+            self._deferred.close()
         with self._lock:
             if self._closed:
                 return

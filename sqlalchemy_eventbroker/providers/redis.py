@@ -14,12 +14,27 @@ Keys (``S`` = ``stream_name``)
                         orders ``list`` and evicts the oldest events past ``max_events``.
     ``S:counts``        per-status counters kept exact by the same Lua scripts.
 
+Writes
+    One Lua script (``_WRITE``) stores events (hash, index, counts, eviction past
+    ``max_events``) and appends them to the stream, stores first. The broker calls ``store``
+    and then ``publish`` for each event; ``store`` is therefore *deferred* for up to
+    ``store_delay`` seconds (default 20 ms) and rides on the ``publish`` of the same event:
+    one round trip per publish instead of two, the JSON sent once. Read-your-writes holds
+    within the provider object: ``get``, ``update_status``, ``delete``, ``list``, ``stats``
+    first write the deferred stores they depend on. A store whose publish never comes is
+    written by a flusher thread after ``store_delay`` (retried with backoff while Redis is
+    away; failures counted in ``provider_specific["deferred_store_failures"]``) or at
+    ``close()``; past 10,000 deferred stores ``store`` writes them itself. Other processes
+    see a lone ``store`` up to ``store_delay`` later; ``store_delay=0`` writes at once.
+    ``update_status_many`` applies a batch of status changes in one script call.
+
 Fan-out (``stream``)
-    One reader thread per provider blocks on ``XREAD`` (``block`` seconds, ``batch_size``
-    entries at a time) and hands each entry to every open stream whose pattern matches. A stream
-    starts at the stream's last id when it is opened (``$`` resolved at open), so it sees
-    exactly the events published after it opened, in stream order (= publish order per
-    publisher). Patterns are filtered in the client: Redis cannot filter a stream.
+    One reader thread per provider blocks on ``XREAD`` (``block`` seconds, up to
+    ``max(batch_size, 1000)`` entries at a time) and hands each entry to every open stream whose
+    pattern matches. A stream starts at the stream's last id when it is opened (``$`` resolved
+    at open), so it sees exactly the events published after it opened, in stream order (=
+    publish order per publisher). Patterns are filtered in the client: Redis cannot filter a
+    stream.
 
 Groups (``group_stream``)
     A Redis consumer group named ``<consumer_group>:<group>:<pattern>`` per ``(group, pattern)``,
@@ -72,7 +87,15 @@ from .._json import loads
 from ..errors import ProviderError
 from ..event import Event, EventStatus
 from ..pattern import compile_pattern, validate_pattern
-from .base import EventFilter, ProviderBase, ProviderStats, QueueEventStream, provider_error
+from ._deferred import DeferredStores, Entry
+from .base import (
+    EventFilter,
+    ProviderBase,
+    ProviderStats,
+    QueueEventStream,
+    StatusUpdate,
+    provider_error,
+)
 
 __all__ = ["RedisProvider"]
 
@@ -85,13 +108,18 @@ _DRIVER_ERRORS = (redis.RedisError, OSError)
 _CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 _ACK_DELAY = 0.05  # longest a batched XACK waits while its member keeps receiving
 
-# KEYS: index, counts, <event hash>...; ARGV: max_events, key prefix, then 7 per event:
-# id, score, json, status, retry_count, error, processed_at, completed_at  (8 with id)
-_STORE = """
-local n = (#ARGV - 2) / 8
+# Store and publish in one script (one round trip).
+# KEYS: index, counts, stream, then one event hash per stored event.
+# ARGV: max_events, key prefix, maxlen (0 = no trimming), origin ('' = none), nstore,
+#   then 8 per stored event: id, score, json, status, retry_count, error, processed_at,
+#   completed_at; then 3 per published event: type, k, json, where k > 0 means "the json of
+#   the k-th stored event" (sent once) and k = 0 means json is given.
+# Every store lands before any XADD of the call, so a reader never sees an event unstored.
+_WRITE = """
+local n = tonumber(ARGV[5])
 for i = 0, n - 1 do
-  local key = KEYS[3 + i]
-  local a = 3 + i * 8
+  local key = KEYS[4 + i]
+  local a = 6 + i * 8
   local old = redis.call('HGET', key, 'status')
   if old then redis.call('HINCRBY', KEYS[2], old, -1) end
   redis.call('HSET', key, 'json', ARGV[a + 2], 'status', ARGV[a + 3], 'retry_count', ARGV[a + 4],
@@ -100,7 +128,7 @@ for i = 0, n - 1 do
   redis.call('ZADD', KEYS[1], ARGV[a + 1], ARGV[a])
 end
 local max = tonumber(ARGV[1])
-if max > 0 then
+if n > 0 and max > 0 then
   local excess = redis.call('ZCARD', KEYS[1]) - max
   if excess > 0 then
     local ids = redis.call('ZRANGE', KEYS[1], 0, excess - 1)
@@ -113,25 +141,53 @@ if max > 0 then
     redis.call('ZREMRANGEBYRANK', KEYS[1], 0, excess - 1)
   end
 end
+local maxlen = tonumber(ARGV[3])
+local origin = ARGV[4]
+local p = 6 + n * 8
+while p + 2 <= #ARGV do
+  local k = tonumber(ARGV[p + 1])
+  local json = ARGV[p + 2]
+  if k > 0 then json = ARGV[6 + (k - 1) * 8 + 2] end
+  if maxlen > 0 then
+    if origin ~= '' then
+      redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen, '*', 't', ARGV[p], 'e', json, 'o', origin)
+    else
+      redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen, '*', 't', ARGV[p], 'e', json)
+    end
+  elseif origin ~= '' then
+    redis.call('XADD', KEYS[3], '*', 't', ARGV[p], 'e', json, 'o', origin)
+  else
+    redis.call('XADD', KEYS[3], '*', 't', ARGV[p], 'e', json)
+  end
+  p = p + 3
+end
 return n
 """
 
-# KEYS: event hash, counts; ARGV: status, error, retry_count ('' = keep), now (ISO-8601)
+# KEYS: counts, then one event hash per update; ARGV: now (ISO-8601), then 3 per update:
+# status, error, retry_count ('' = keep). Unknown events are skipped.
 _UPDATE = """
-local old = redis.call('HGET', KEYS[1], 'status')
-if not old then return 0 end
-redis.call('HINCRBY', KEYS[2], old, -1)
-redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
-redis.call('HSET', KEYS[1], 'status', ARGV[1], 'error', ARGV[2])
-if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'retry_count', ARGV[3]) end
-if ARGV[1] == 'processing' then
-  redis.call('HSET', KEYS[1], 'processed_at', ARGV[4])
-elseif ARGV[1] == 'completed' or ARGV[1] == 'failed' then
-  redis.call('HSET', KEYS[1], 'completed_at', ARGV[4])
-  local p = redis.call('HGET', KEYS[1], 'processed_at')
-  if not p or p == '' then redis.call('HSET', KEYS[1], 'processed_at', ARGV[4]) end
+local now = ARGV[1]
+for i = 2, #KEYS do
+  local key = KEYS[i]
+  local a = 2 + (i - 2) * 3
+  local status = ARGV[a]
+  local old = redis.call('HGET', key, 'status')
+  if old then
+    redis.call('HINCRBY', KEYS[1], old, -1)
+    redis.call('HINCRBY', KEYS[1], status, 1)
+    redis.call('HSET', key, 'status', status, 'error', ARGV[a + 1])
+    if ARGV[a + 2] ~= '' then redis.call('HSET', key, 'retry_count', ARGV[a + 2]) end
+    if status == 'processing' then
+      redis.call('HSET', key, 'processed_at', now)
+    elseif status == 'completed' or status == 'failed' then
+      redis.call('HSET', key, 'completed_at', now)
+      local p = redis.call('HGET', key, 'processed_at')
+      if not p or p == '' then redis.call('HSET', key, 'processed_at', now) end
+    end
+  end
 end
-return 1
+return #KEYS - 1
 """
 
 # KEYS: event hash, index, counts; ARGV: id
@@ -516,7 +572,11 @@ class RedisProvider(ProviderBase):
         maxlen: approximate cap on stream entries (``XADD MAXLEN ~``); 0 = no trimming.
         max_events: cap on stored events; the oldest by ``created_at`` are evicted; 0 = none.
         block: longest single blocking read, in seconds (bounds how late ``close`` is noticed).
-        batch_size: entries per read (``COUNT``) and per pipelined write.
+        batch_size: entries per group read (``COUNT``) and per script call of a batch write;
+            fan-out reads take up to ``max(batch_size, 1000)`` entries at a time.
+        store_delay: seconds a ``store`` may wait for the ``publish`` of the same event, so
+            that both go to Redis in one script call (see "Writes" in the module docstring);
+            0 writes every ``store`` at once.
         connect_timeout: seconds to wait for a TCP connection.
         reconnect_max_delay: cap of the backoff between reconnection attempts.
 
@@ -541,11 +601,13 @@ class RedisProvider(ProviderBase):
         batch_size: int = 100,
         connect_timeout: float = 5.0,
         reconnect_max_delay: float = 2.0,
+        store_delay: float = 0.02,
     ) -> None:
         if not stream_name:
             raise ValueError("RedisProvider: stream_name must not be empty")
-        if maxlen < 0 or max_events < 0 or batch_size < 1 or block <= 0:
-            raise ValueError("RedisProvider: maxlen/max_events >= 0, batch_size >= 1, block > 0")
+        if maxlen < 0 or max_events < 0 or batch_size < 1 or block <= 0 or store_delay < 0:
+            raise ValueError("RedisProvider: maxlen/max_events/store_delay >= 0, "
+                             "batch_size >= 1, block > 0")
         self.url = url
         self.stream_name = stream_name
         self.consumer_group = consumer_group
@@ -555,6 +617,8 @@ class RedisProvider(ProviderBase):
         self.batch_size = batch_size
         self.connect_timeout = connect_timeout
         self.reconnect_max_delay = reconnect_max_delay
+        self.store_delay = store_delay
+        self.read_count = max(batch_size, 1000)
         self._address = _safe_url(url)
         self._index_key = f"{stream_name}:index"
         self._counts_key = f"{stream_name}:counts"
@@ -575,7 +639,10 @@ class RedisProvider(ProviderBase):
             except BaseException:
                 self._client.close()
                 raise
-        self._store_script = self._client.register_script(_STORE)
+        self._write_script = self._client.register_script(_WRITE)
+        self._deferred = (DeferredStores(self._write_stored, delay=store_delay,
+                                         name=f"eventbroker-redis-store-{stream_name}")
+                          if store_delay > 0 else None)
         self._update_script = self._client.register_script(_UPDATE)
         self._delete_script = self._client.register_script(_DELETE)
         self._renew_script = self._client.register_script(_RENEW)
@@ -606,35 +673,68 @@ class RedisProvider(ProviderBase):
 
     # -- store ---------------------------------------------------------------------------------
 
-    def _store_args(self, events: Sequence[Event]) -> tuple[list[str], list[Any]]:
-        keys = [self._index_key, self._counts_key]
-        args: list[Any] = [self.max_events, self._event_prefix]
-        for e in events:
-            keys.append(self._event_prefix + e.id)
-            args += [e.id, _micros(e.created_at), e.to_json(), str(e.status), e.retry_count,
-                     e.error, _iso(e.processed_at), _iso(e.completed_at)]
+    @staticmethod
+    def _store_item(e: Event) -> tuple[Any, ...]:
+        """The 8 script arguments that store ``e`` (a snapshot: later changes are not seen)."""
+        return (e.id, _micros(e.created_at), e.to_json(), str(e.status), e.retry_count,
+                e.error, _iso(e.processed_at), _iso(e.completed_at))
+
+    def _write_args(self, stored: Sequence[tuple[Any, ...]],
+                    published: Sequence[tuple[str, int, str]] = (),
+                    origin: str | None = None) -> tuple[list[str], list[Any]]:
+        keys = [self._index_key, self._counts_key, self.stream_name]
+        args: list[Any] = [self.max_events, self._event_prefix, self.maxlen, origin or "",
+                           len(stored)]
+        prefix = self._event_prefix
+        for item in stored:
+            keys.append(prefix + item[0])
+            args += item
+        for item in published:
+            args += item
         return keys, args
 
-    def store(self, event: Event) -> None:
-        self._check_open()
-        keys, args = self._store_args([event])
+    def _write_stored(self, items: Sequence[tuple[Any, ...]]) -> None:
+        """Store prepared items now: one script call per ``batch_size``, one round trip."""
         with _translate_errors(self._address):
-            self._store_script(keys=keys, args=args)
+            if len(items) <= self.batch_size:
+                keys, args = self._write_args(items)
+                self._write_script(keys=keys, args=args)
+                return
+            pipe = self._client.pipeline(transaction=False)
+            for i in range(0, len(items), self.batch_size):
+                keys, args = self._write_args(items[i:i + self.batch_size])
+                self._write_script(keys=keys, args=args, client=pipe)
+            pipe.execute()
+
+    def _settle(self, event_ids: Sequence[str] | None) -> None:
+        """Write the deferred stores of ``event_ids`` (all when ``None``) before reading or
+        changing them: read-your-writes within this provider."""
+        if self._deferred is not None:
+            self._deferred.settle(event_ids)
+
+    def store(self, event: Event) -> None:
+        """Store ``event``; with ``store_delay`` the write may ride on its ``publish``."""
+        self._check_open()
+        if self._deferred is not None:
+            self._deferred.add(event.id, self._store_item(event))
+        else:
+            self._write_stored([self._store_item(event)])
 
     def store_many(self, events: Sequence[Event]) -> None:
-        """Store ``events`` in one pipelined round trip (scripts of ``batch_size`` each)."""
+        """Store ``events`` in one round trip (deferred like ``store`` when ``store_delay``)."""
         self._check_open()
         if not events:
             return
-        with _translate_errors(self._address):
-            pipe = self._client.pipeline(transaction=False)
-            for i in range(0, len(events), self.batch_size):
-                keys, args = self._store_args(events[i:i + self.batch_size])
-                self._store_script(keys=keys, args=args, client=pipe)
-            pipe.execute()
+        if self._deferred is not None:
+            for e in events:
+                self._deferred.add(e.id, self._store_item(e))
+        else:
+            self._write_stored([self._store_item(e) for e in events])
 
     def get(self, event_id: str) -> Event | None:
         self._check_open()
+        if self._deferred is not None and event_id in self._deferred:
+            self._settle([event_id])
         with _translate_errors(self._address):
             h = self._client.hgetall(self._event_prefix + event_id)
         return _event_from_hash(h) if h else None
@@ -646,6 +746,7 @@ class RedisProvider(ProviderBase):
         in Python on the events of that range, fetched ``batch_size`` hashes per round trip.
         """
         self._check_open()
+        self._settle(None)
         lo = str(_micros(filter.start_time)) if filter.start_time is not None else "-inf"
         hi = f"({_micros(filter.end_time)}" if filter.end_time is not None else "+inf"
         out: list[Event] = []
@@ -680,54 +781,94 @@ class RedisProvider(ProviderBase):
         self, event_id: str, status: EventStatus, error: str = "", *,
         retry_count: int | None = None,
     ) -> None:
+        self.update_status_many([StatusUpdate(event_id, status, error, retry_count)])
+
+    def update_status_many(self, updates: Sequence[StatusUpdate]) -> None:
+        """Apply ``updates`` in order (same semantics as ``update_status`` each) in one round
+        trip: one script call per 500 updates, pipelined."""
         self._check_open()
+        if not updates:
+            return
+        if self._deferred is not None and len(self._deferred):
+            self._settle([u.event_id for u in updates])
         now = dt.datetime.now(dt.UTC).isoformat()
+        prefix = self._event_prefix
+        calls = []
+        for i in range(0, len(updates), 500):
+            keys = [self._counts_key]
+            args: list[Any] = [now]
+            for u in updates[i:i + 500]:
+                keys.append(prefix + u.event_id)
+                args += (str(EventStatus(u.status)), u.error,
+                         "" if u.retry_count is None else int(u.retry_count))
+            calls.append((keys, args))
         with _translate_errors(self._address):
-            self._update_script(
-                keys=[self._event_prefix + event_id, self._counts_key],
-                args=[str(EventStatus(status)), error,
-                      "" if retry_count is None else int(retry_count), now],
-            )
+            if len(calls) == 1:
+                self._update_script(keys=calls[0][0], args=calls[0][1])
+                return
+            pipe = self._client.pipeline(transaction=False)
+            for keys, args in calls:
+                self._update_script(keys=keys, args=args, client=pipe)
+            pipe.execute()
 
     def delete(self, event_id: str) -> None:
         self._check_open()
+        if self._deferred is not None and event_id in self._deferred:
+            self._settle([event_id])
         with _translate_errors(self._address):
             self._delete_script(keys=[self._event_prefix + event_id, self._index_key,
                                       self._counts_key], args=[event_id])
 
     # -- transport -----------------------------------------------------------------------------
 
-    def _xadd(self, client: Any, event: Event, origin: str | None = None) -> None:
-        fields = {"t": event.type, "e": event.to_json()}
-        if origin:
-            fields["o"] = origin
-        client.xadd(self.stream_name, fields,
-                    maxlen=self.maxlen or None, approximate=True)
-
     def publish(self, event: Event) -> None:
-        self._check_open()
-        with _translate_errors(self._address):
-            self._xadd(self._client, event)
-        with self._lock:
-            self._published += 1
+        self.publish_many((event,))
 
     def publish_many(self, events: Sequence[Event], *, origin: str | None = None) -> None:
-        """``XADD`` every event in one pipelined round trip (per ``batch_size``).
+        """``XADD`` every event in one round trip (one script call per ``batch_size``).
 
+        Deferred stores of these events go in the same script calls, ahead of their
+        ``XADD``s (the JSON is sent once when it did not change since ``store``).
         ``origin`` tags the entries so that a stream opened with the same
         ``exclude_origin`` skips them (a broker ignoring its own events).
         """
         self._check_open()
         if not events:
             return
-        with _translate_errors(self._address):
-            if len(events) == 1:
-                self._xadd(self._client, events[0], origin)
-            for i in range(0, len(events) if len(events) > 1 else 0, self.batch_size):
-                pipe = self._client.pipeline(transaction=False)
-                for event in events[i:i + self.batch_size]:
-                    self._xadd(pipe, event, origin)
-                pipe.execute()
+        deferred = self._deferred
+        claimed: list[Entry] = (deferred.acquire([e.id for e in events])
+                                if deferred is not None and len(deferred) else [])
+        pending = {c.key: c.item for c in claimed}
+        calls = []
+        size = self.batch_size
+        for i in range(0, len(events), size):
+            stored: list[tuple[Any, ...]] = []
+            published: list[tuple[str, int, str]] = []
+            for e in events[i:i + size]:
+                json = e.to_json()
+                item = pending.pop(e.id, None) if pending else None
+                if item is not None:
+                    stored.append(item)
+                    if item[2] == json:
+                        published.append((e.type, len(stored), ""))
+                        continue
+                published.append((e.type, 0, json))
+            calls.append(self._write_args(stored, published, origin))
+        try:
+            with _translate_errors(self._address):
+                if len(calls) == 1:
+                    self._write_script(keys=calls[0][0], args=calls[0][1])
+                else:
+                    pipe = self._client.pipeline(transaction=False)
+                    for keys, args in calls:
+                        self._write_script(keys=keys, args=args, client=pipe)
+                    pipe.execute()
+        except BaseException:
+            if deferred is not None:  # stays deferred: the flusher tries again
+                deferred.release(claimed, written=False)
+            raise
+        if deferred is not None:
+            deferred.release(claimed, written=True)
         with self._lock:
             self._published += len(events)
 
@@ -784,7 +925,7 @@ class RedisProvider(ProviderBase):
                     s0 = min(self._streams, key=lambda s: s.start)
                     cursor = f"{s0.start[0]}-{s0.start[1]}"
             try:
-                resp = client.xread({self.stream_name: cursor}, count=self.batch_size,
+                resp = client.xread({self.stream_name: cursor}, count=self.read_count,
                                     block=int(self.block * 1000))
                 backoff.reset()
             except Exception as exc:  # noqa: BLE001 - the reader must survive anything
@@ -843,6 +984,7 @@ class RedisProvider(ProviderBase):
 
     def stats(self) -> ProviderStats:
         self._check_open()
+        self._settle(None)
         with _translate_errors(self._address):
             pipe = self._client.pipeline(transaction=False)
             pipe.zcard(self._index_key)
@@ -854,6 +996,8 @@ class RedisProvider(ProviderBase):
             raise provider_error("redis", self._address, total)
         counts = counts if isinstance(counts, dict) else {}
         specific: dict[str, Any] = {"stream": self.stream_name, "stream_length": 0}
+        if self._deferred is not None:
+            specific["deferred_store_failures"] = self._deferred.failures
         if isinstance(info, dict):
             specific.update(stream_length=info.get("length", 0),
                             last_generated_id=info.get("last-generated-id"),
@@ -884,6 +1028,7 @@ class RedisProvider(ProviderBase):
     def drop(self) -> None:
         """Delete every key this provider uses (stream, groups, stored events). For tests."""
         self._check_open()
+        self._settle(None)
         with _translate_errors(self._address):
             while True:
                 ids = self._client.zrange(self._index_key, 0, 999)
@@ -896,7 +1041,13 @@ class RedisProvider(ProviderBase):
             self._client.delete(self.stream_name, self._index_key, self._counts_key)
 
     def close(self) -> None:
-        """End every open stream, stop the reader thread and close all connections."""
+        """Write deferred stores, end every open stream, stop the reader thread and close
+        all connections."""
+        with self._lock:
+            if self._closed:
+                return
+        if self._deferred is not None:
+            self._deferred.close()
         with self._lock:
             if self._closed:
                 return

@@ -48,6 +48,8 @@ from sqlalchemy_eventbroker.providers.base import (
     GroupStream,
     Provider,
     ProviderStats,
+    StatusBatchProvider,
+    StatusUpdate,
 )
 from sqlalchemy_eventbroker.testing import EventRecorder
 
@@ -379,6 +381,95 @@ class ProviderConformance:
         assert [e.id for e in provider.list(EventFilter())] == [keep.id]
         provider.delete(gone.id)
         provider.delete("00000000-0000-7000-8000-000000000002")
+
+    def test_update_status_many__same_as_one_by_one(self, provider: Provider) -> None:
+        """Optional ``StatusBatchProvider``: a batch applies each update like ``update_status``,
+        in order, ignoring unknown ids; the status counts follow."""
+        if not isinstance(provider, StatusBatchProvider):
+            pytest.xfail(f"{type(provider).__name__} has no update_status_many; the broker "
+                         "writes statuses one by one")
+        done, failed, working, twice = _event(), _event(), _event(), _event()
+        for e in (done, failed, working, twice):
+            provider.store(e)
+        provider.update_status(twice.id, EventStatus.PROCESSING)
+        first = provider.get(twice.id).processed_at  # type: ignore[union-attr]
+        before = dt.datetime.now(UTC) - dt.timedelta(seconds=1)
+        provider.update_status_many([
+            StatusUpdate(done.id, EventStatus.COMPLETED),
+            StatusUpdate(failed.id, EventStatus.FAILED, "handler x: boom", 3),
+            StatusUpdate("00000000-0000-7000-8000-000000000003", EventStatus.COMPLETED),
+            StatusUpdate(working.id, EventStatus.PROCESSING),
+            StatusUpdate(twice.id, EventStatus.FAILED, "first", 1),
+            StatusUpdate(twice.id, EventStatus.COMPLETED, "", 2),
+        ])
+        provider.update_status_many([])
+        got = {e.id: e for e in provider.list(EventFilter())}
+        assert set(got) == {done.id, failed.id, working.id, twice.id}
+        d, f, w, t = got[done.id], got[failed.id], got[working.id], got[twice.id]
+        assert d.status is EventStatus.COMPLETED and d.error == "" and d.retry_count == 0
+        assert d.completed_at is not None and d.completed_at >= before
+        assert d.processed_at is not None
+        assert (f.status, f.error, f.retry_count) == (EventStatus.FAILED, "handler x: boom", 3)
+        assert f.completed_at is not None
+        assert w.status is EventStatus.PROCESSING and w.processed_at is not None
+        assert w.completed_at is None
+        assert (t.status, t.error, t.retry_count) == (EventStatus.COMPLETED, "", 2)
+        assert t.processed_at == first and t.completed_at is not None
+        assert d.payload == done.payload and t.type == twice.type
+        stats = provider.stats()
+        assert (stats.completed_events, stats.failed_events, stats.processing_events,
+                stats.pending_events) == (2, 1, 1, 0)
+
+    def test_update_status_many__a_large_batch(self, provider: Provider) -> None:
+        """Optional ``StatusBatchProvider``: a batch larger than any internal chunk works."""
+        if not isinstance(provider, StatusBatchProvider):
+            pytest.xfail(f"{type(provider).__name__} has no update_status_many")
+        events = [_event("public.big.create", {"i": i}) for i in range(1200)]
+        if isinstance(provider, BatchProvider):
+            provider.store_many(events)
+        else:
+            for e in events:
+                provider.store(e)
+        provider.update_status_many([StatusUpdate(e.id, EventStatus.COMPLETED, "", i % 3)
+                                     for i, e in enumerate(events)])
+        assert provider.stats().completed_events == 1200
+        for i in (0, 499, 500, 1199):
+            got = provider.get(events[i].id)
+            assert got is not None and got.status is EventStatus.COMPLETED
+            assert got.retry_count == i % 3
+
+    def test_store__visible_to_another_instance(self, provider: Provider,
+                                                peer: Provider) -> None:
+        """A stored event reaches the backend even when no publish follows (another
+        instance sees it soon, without any further call on the storing instance)."""
+        e = _event(payload={"lone": True})
+        provider.store(e)
+        _wait(lambda: peer.get(e.id) is not None, self.delivery_timeout, "the lone store")
+        assert peer.get(e.id) == e
+
+    def test_publish__stored_before_delivered(self, provider: Provider, peer: Provider) -> None:
+        """Store then publish: when another instance receives the event, ``get`` there
+        already finds it stored (so its status write-back can never miss the event)."""
+        stream = peer.stream("public.order.*")
+        try:
+            events = [_event("public.order.create", {"i": i}) for i in range(30)]
+            for e in events[:10]:
+                provider.store(e)
+                provider.publish(e)
+            if isinstance(provider, BatchProvider):
+                provider.store_many(events[10:])
+                provider.publish_many(events[10:])
+            else:
+                for e in events[10:]:
+                    provider.store(e)
+                    provider.publish(e)
+            got = _drain(stream, 30, self.delivery_timeout)
+            for x in got:
+                stored = peer.get(x.id)
+                assert stored is not None and stored.id == x.id
+            assert sorted(x.id for x in got) == sorted(e.id for e in events)
+        finally:
+            stream.close()
 
     # -- fan-out streams ---------------------------------------------------------------------
 
