@@ -18,7 +18,14 @@ from typing import Any, TypeVar
 
 from .errors import BrokerStopped, QueueFull
 
-__all__ = ["AsyncRunner", "WorkerPool"]
+__all__ = ["AsyncRunner", "StatusWriter", "WorkerPool"]
+
+#: Most records a worker holds before handing them to ``complete``.
+BATCH = 64
+#: How long an idle worker keeps looking for work before it sleeps until woken, seconds.
+LINGER = 0.05
+#: How often a lingering worker looks, seconds: the longest a new item waits for one.
+LINGER_TICK = 0.0005
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -33,17 +40,23 @@ class WorkerPool:
     already accepted once, are never refused. ``outstanding`` counts accepted items not yet
     finished, including retries waiting for their delay: ``drain`` waits for it to reach 0.
 
-    The queue is a ``deque`` that workers pop without a lock, and a publisher only wakes a
-    worker when one is asleep: handing each event to a thread through a locked queue costs
-    more than running its handler (BASELINES.md: 8.5 µs per event for queue.Queue + 4
-    threads), so under load the workers run from the deque without a single wake-up.
-    ``run(item)`` returns True when the item finished its accepted unit of work; workers
-    settle those counts in batches.
+    The queue is a ``deque`` that workers pop without a lock. Handing each event to a thread
+    through a locked queue costs more than running its handler (BASELINES.md: 8.5 µs per
+    event for queue.Queue + 4 threads), almost all of it in waking the thread; so a worker
+    that runs out of work *lingers* for ``LINGER`` seconds, checking the deque every
+    ``LINGER_TICK`` seconds, before it goes to sleep, and a publisher wakes a sleeping worker
+    only when the awake ones cannot take the new item at once (all busy). Under load the
+    workers then run from the deque without a single wake-up; a new item waits at most
+    ``LINGER_TICK`` for a lingering worker.
+    ``run(item)`` returns a record (not None) when the item finished its accepted unit of
+    work; each worker hands its records to ``complete(records)`` in batches (when it runs
+    out of work, or every ``BATCH`` records) and only then counts them as finished.
     """
 
-    def __init__(self, worker_count: int, capacity: int, run: Callable[[Any], bool],
-                 name: str = "eventbroker") -> None:
+    def __init__(self, worker_count: int, capacity: int, run: Callable[[Any], Any],
+                 complete: Callable[[list[Any]], None], name: str = "eventbroker") -> None:
         self._run = run
+        self._complete = complete
         self._capacity = capacity
         self._items: collections.deque[Any] = collections.deque()
         self._lock = threading.Lock()
@@ -52,9 +65,10 @@ class WorkerPool:
         self._space = threading.Condition(self._lock)     # put() waits here while full
         self._claimed = 0     # reserved by try_reserve, not yet queued
         self._outstanding = 0
-        self._sleepers = 0
+        self._sleepers = 0    # workers asleep until woken (not lingering)
         self._space_waiters = 0
         self._busy = [False] * worker_count
+        self._worker_count = worker_count
         self._timers: list[tuple[float, int, Any]] = []
         self._timer_seq = itertools.count()
         self._timer_cond = threading.Condition()
@@ -111,8 +125,17 @@ class WorkerPool:
         self._items.append(item)
         with self._lock:
             self._claimed -= 1
-            if self._sleepers:
+            if self._sleepers and self._needs_wake():
                 self._wake.notify()
+
+    def _needs_wake(self) -> bool:
+        """Whether the awake workers are too few for what is queued (caller holds the lock).
+
+        Read after the item was appended: a worker about to sleep re-checks the deque under
+        the lock after counting itself asleep, so no wake-up can be lost in between.
+        """
+        awake_free = self._worker_count - self._sleepers - sum(self._busy)
+        return len(self._items) > awake_free
 
     def put(self, item: Any, block_while_full: bool = True) -> None:
         """Queue an already-accepted item (a remote delivery), waiting while the queue is full."""
@@ -126,7 +149,7 @@ class WorkerPool:
                     self._space_waiters -= 1
             self._outstanding += 1
             self._items.append(item)
-            if self._sleepers:
+            if self._sleepers and self._needs_wake():
                 self._wake.notify()
 
     def put_later(self, delay: float, item: Any) -> None:
@@ -178,46 +201,70 @@ class WorkerPool:
 
     # -- threads -----------------------------------------------------------------------
 
-    def _settle(self, finished: int) -> None:
-        # Caller holds self._lock.
-        if finished:
-            self._outstanding -= finished
-            if self._outstanding == 0:
-                self._idle.notify_all()
-        if self._space_waiters:
-            self._space.notify_all()
+    def _settle(self, done: list[Any]) -> None:
+        """Hand finished records over, then count them (called without the lock)."""
+        if done:
+            try:
+                self._complete(done)
+            except BaseException:  # pragma: no cover - complete() handles its own errors
+                log.exception("eventbroker worker: completing a batch failed")
+        with self._lock:
+            if done:
+                self._outstanding -= len(done)
+                if self._outstanding == 0:
+                    self._idle.notify_all()
+            if self._space_waiters:
+                self._space.notify_all()
 
     def _work(self, index: int) -> None:
         items = self._items
         run = self._run
         busy = self._busy
-        finished = 0
+        done: list[Any] = []
+        idle_since = 0.0
         while True:
             try:
                 item = items.popleft()
             except IndexError:
+                if done or self._space_waiters:
+                    self._settle(done)
+                    done = []
+                    continue  # completing took time: look again before idling
                 with self._lock:
-                    self._settle(finished)
-                    finished = 0
+                    if self._stopping:
+                        return
+                    now = time.monotonic()
+                    if not idle_since:
+                        idle_since = now
+                    if now - idle_since < LINGER:
+                        self._wake.wait(LINGER_TICK)
+                        continue
                     self._sleepers += 1
                     while not items and not self._stopping:
                         self._wake.wait()
                     self._sleepers -= 1
+                    idle_since = 0.0
                     if self._stopping:
                         return
                 continue
+            idle_since = 0.0
             busy[index] = True
+            if items and self._sleepers:
+                # More work than this worker: wake a sleeper if no awake worker is free.
+                with self._lock:
+                    if self._sleepers and self._needs_wake():
+                        self._wake.notify()
             try:
-                if run(item):
-                    finished += 1
+                record = run(item)
+                if record is not None:
+                    done.append(record)
             except BaseException:  # pragma: no cover - run() handles its own errors
                 log.exception("eventbroker worker: unexpected error")
             finally:
                 busy[index] = False
-            if finished >= 64 or self._space_waiters:
-                with self._lock:
-                    self._settle(finished)
-                finished = 0
+            if len(done) >= BATCH or self._space_waiters:
+                self._settle(done)
+                done = []
 
     def _timer_loop(self) -> None:
         while True:
@@ -234,7 +281,7 @@ class WorkerPool:
             # Retries bypass capacity: the event was accepted once already.
             self._items.append(item)
             with self._lock:
-                if self._sleepers:
+                if self._sleepers and self._needs_wake():
                     self._wake.notify()
 
 

@@ -61,6 +61,7 @@ MAX_OWN_IDS = 1_000_000
 #: Guards the few fields of a job that retries running in parallel workers share. One lock for
 #: all jobs: it is held for a handful of bytecodes, and a lock per job would cost more.
 _JOB_LOCK = threading.Lock()
+_NO_FAILURES: list[tuple[str, BaseException]] = []  # shared, never appended to (see _Job.fail)
 _POLL = 0.2  # seconds a consumer thread blocks in receive() before checking for stop
 
 
@@ -104,23 +105,29 @@ class _Job:
     """One event on its way through a set of handlers (one item per handler on retry)."""
 
     __slots__ = (
-        "attempts",
         "delivery",
+        "elapsed",
         "event",
         "failures",
         "inline_status",
-        "last_errors",
         "lock",
         "pending",
+        "retries",
         "slot",
         "started",
         "subs",
     )
+    failures: list[tuple[str, BaseException]]
+
+    def fail(self, subscription_id: str, exc: BaseException) -> None:
+        if self.failures is _NO_FAILURES:
+            self.failures = []
+        self.failures.append((subscription_id, exc))
 
     def __init__(
         self,
         event: Event,
-        subs: list[_Subscription],
+        subs: Sequence[_Subscription],
         pending: int,
         started: float,
         delivery: Delivery | None = None,
@@ -131,12 +138,14 @@ class _Job:
         self.subs = subs
         self.pending = pending
         self.started = started
+        self.elapsed = 0.0
         self.delivery = delivery
         #: A group consumer's prefetch slot, released when the delivery is acknowledged.
         self.slot = slot
-        self.attempts: dict[str, int] = {}
-        self.failures: list[tuple[str, BaseException]] = []
-        self.last_errors: dict[str, BaseException] = {}
+        #: ``(subscription_id, exception)`` of handlers that gave up; empty until one does.
+        self.failures = _NO_FAILURES
+        #: subscription_id -> (attempts so far, last exception), for handlers being retried.
+        self.retries: dict[str, tuple[int, BaseException]] | None = None
         #: Write the outcome before returning (publish_sync promises it), not in the next batch.
         self.inline_status = inline_status
         self.lock = _JOB_LOCK
@@ -247,7 +256,7 @@ class Broker:
                 raise BrokerStopped("this broker was stopped; create a new one")
             if self.mode is ProcessingMode.ASYNC:
                 self._pool = WorkerPool(
-                    self.worker_count, self.buffer_size, self._run_item,
+                    self.worker_count, self.buffer_size, self._run_item, self._record,
                     name=f"eventbroker-{self.instance_id}",
                 )
                 self._pool.start()
@@ -446,7 +455,7 @@ class Broker:
         if not subs:
             self._count_unhandled(1)
             return
-        job = _Job(event, list(subs), len(subs), time.perf_counter(),
+        job = _Job(event, subs, len(subs), time.perf_counter(),
                    inline_status=True)
         self._run_job_inline(job)
         if job.failures:
@@ -475,7 +484,7 @@ class Broker:
         except BaseException:
             pool.release()
             raise
-        pool.put_reserved(_Job(event, list(subs), len(subs), time.perf_counter()))
+        pool.put_reserved(_Job(event, subs, len(subs), time.perf_counter()))
 
     def publish_many(self, events: Sequence[Event]) -> None:
         """Publish several events by mode, storing and announcing them in one batch.
@@ -494,7 +503,7 @@ class Broker:
                 if not subs:
                     self._count_unhandled(1)
                     continue
-                job = _Job(event, list(subs), len(subs), time.perf_counter(),
+                job = _Job(event, subs, len(subs), time.perf_counter(),
                            inline_status=True)
                 self._run_job_inline(job)
                 failures.extend(job.failures)
@@ -528,7 +537,7 @@ class Broker:
                     if not subs:
                         self._count_unhandled(1)
                         continue
-                    self._run_job_inline(_Job(event, list(subs), len(subs), time.perf_counter()))
+                    self._run_job_inline(_Job(event, subs, len(subs), time.perf_counter()))
             else:
                 self._dispatch_async(events, store=not stored, lossless=True)
         except Exception as exc:
@@ -541,7 +550,7 @@ class Broker:
         for event in events:
             subs = self._fanout_for(event.type)
             if subs:
-                jobs.append(_Job(event, list(subs), len(subs), time.perf_counter()))
+                jobs.append(_Job(event, subs, len(subs), time.perf_counter()))
         reserved = False
         try:
             if jobs:
@@ -577,7 +586,7 @@ class Broker:
                 if self._stopped:
                     raise BrokerStopped("broker was stopped; events are no longer accepted")
                 self._pool = WorkerPool(self.worker_count, self.buffer_size, self._run_item,
-                                        name=f"eventbroker-{self.instance_id}")
+                                        self._record, name=f"eventbroker-{self.instance_id}")
                 self._pool.start()
                 self.metrics.watch_queue(self._pool)
             return self._pool
@@ -702,7 +711,7 @@ class Broker:
             subs = self._fanout_for(event.type)
             if not subs:
                 continue
-            job = _Job(event, list(subs), len(subs), time.perf_counter())
+            job = _Job(event, subs, len(subs), time.perf_counter())
             if self.mode is ProcessingMode.SYNC:
                 self._run_job_inline(job)
             else:
@@ -824,7 +833,7 @@ class Broker:
                     break
                 attempt += 1
                 if attempt > policy.max_retries or (not sub.active and sub.group is None):
-                    job.failures.append((sub.id, exc))
+                    job.fail(sub.id, exc)
                     self._log_failure(job.event, sub, exc, final=True)
                     break
                 self._log_failure(event, sub, exc, final=False)
@@ -834,14 +843,16 @@ class Broker:
         job.pending = 0
         self._finish(job)
 
-    def _run_item(self, item: _Job | tuple[_Job, _Subscription]) -> bool:
+    def _run_item(self, item: _Job | tuple[_Job, _Subscription]) -> _Job | None:
         """Async mode, in a worker: a job's handlers, or one handler's retry.
 
-        Returns True when the job is finished (every handler succeeded or gave up).
+        Returns the concluded job once every handler succeeded or gave up (the worker hands
+        a batch of them to :meth:`_record`), else None.
         """
+        subs: Sequence[_Subscription]
         if isinstance(item, tuple):
             job, only = item
-            subs = [only]
+            subs = (only,)
         else:
             job, subs = item, item.subs
             job.event.mark_processing()
@@ -849,10 +860,10 @@ class Broker:
         assert pool is not None
         finished = 0
         for sub in subs:
-            if not sub.active and sub.group is None and sub.id in job.last_errors:
+            if not sub.active and sub.group is None and job.retries and sub.id in job.retries:
                 # Unsubscribed while its retry waited: its last failure is final, as in sync mode.
                 with job.lock:
-                    job.failures.append((sub.id, job.last_errors[sub.id]))
+                    job.fail(sub.id, job.retries[sub.id][1])
                 finished += 1
                 continue
             exc = self._call(sub, job.event)
@@ -860,23 +871,24 @@ class Broker:
                 finished += 1
                 continue
             with job.lock:
-                job.last_errors[sub.id] = exc
-                attempt = job.attempts.get(sub.id, 0) + 1
-                job.attempts[sub.id] = attempt
+                if job.retries is None:
+                    job.retries = {}
+                attempt = job.retries.get(sub.id, (0, exc))[0] + 1
+                job.retries[sub.id] = (attempt, exc)
                 retry = attempt <= self.retry_policy.max_retries and (
                     sub.active or sub.group is not None
                 )
                 if retry:
                     job.event.increment_retry()
                 else:
-                    job.failures.append((sub.id, exc))
+                    job.fail(sub.id, exc)
             self._log_failure(job.event, sub, exc, final=not retry)
             if retry:
                 pool.put_later(self.retry_policy.delay(attempt), (job, sub))
             else:
                 finished += 1
         if not finished:
-            return False
+            return None
         if len(job.subs) == 1:  # nothing runs in parallel with a one-handler job
             job.pending -= finished
             done = job.pending == 0
@@ -884,13 +896,16 @@ class Broker:
             with job.lock:
                 job.pending -= finished
                 done = job.pending == 0
-        if done:
-            self._finish(job)
-        return done
+        return self._conclude(job) if done else None
 
     def _finish(self, job: _Job) -> None:
+        """Conclude and record one job now (sync paths)."""
+        self._record([self._conclude(job)])
+
+    def _conclude(self, job: _Job) -> _Job:
+        """Give the event its final status; returns the job for :meth:`_record`."""
         event = job.event
-        elapsed = time.perf_counter() - job.started
+        job.elapsed = time.perf_counter() - job.started
         if job.failures:
             # From the job, not self._subs: the subscription may have been removed meanwhile.
             by_id = {s.id: s for s in job.subs}
@@ -898,39 +913,62 @@ class Broker:
                 f"{sid} ({_handler_name(by_id.get(sid))}): {type(exc).__name__}: {exc}"
                 for sid, exc in job.failures
             ))
-            status = EventStatus.FAILED
         else:
             event.mark_completed()
-            status = EventStatus.COMPLETED
-        update = StatusUpdate(event.id, status, event.error, event.retry_count)
-        if job.inline_status or self._inline_status:
-            self._write_statuses([update])
+        return job
+
+    def _record(self, jobs: list[_Job]) -> None:
+        """Write back, count and announce concluded jobs; acknowledge group deliveries.
+
+        Workers call this once per batch of jobs they finished, so the provider's status
+        write, the counters' lock and the lease bookkeeping are paid per batch, not per event.
+        The status is written before the counters move: whoever sees ``total_processed``
+        grow can read the outcome from the provider (for inline-status providers).
+        """
+        updates = [StatusUpdate(j.event.id, j.event.status, j.event.error, j.event.retry_count)
+                   for j in jobs]
+        if self._inline_status or jobs[0].inline_status:
+            self._write_statuses(updates)
         else:
-            self._status_writer().add(update)
+            writer = self._status_writer()
+            for update in updates:
+                writer.add(update)
+        failed = [j for j in jobs if j.event.status is EventStatus.FAILED]
         with self._counter_lock:
-            self._processed += 1
-            if status is EventStatus.FAILED:
-                self._failed += 1
-        self.metrics.processed(event.source, event.type, status, elapsed)
-        if status is EventStatus.FAILED:
+            self._processed += len(jobs)
+            self._failed += len(failed)
+        processed = self.metrics.processed
+        for j in jobs:
+            e = j.event
+            processed(e.source, e.type, e.status, j.elapsed)
+        if failed:
             with self._lock:
-                self._dead[event.id] = event.clone()
+                for j in failed:
+                    self._dead[j.event.id] = j.event.clone()
                 while len(self._dead) > MAX_DEAD_LETTERS:
                     self._dead.popitem(last=False)
-            if signals.event_failed.receivers:
-                self._send(signals.event_failed, event)
-        elif signals.event_processed.receivers:
-            self._send(signals.event_processed, event)
-        if job.delivery is not None:
-            self._untrack(job.delivery)
-            try:
-                job.delivery.ack()
-            except Exception as exc:
-                log.warning("eventbroker: ack of event %s failed (it will be redelivered): %s",
-                            event.id, exc, extra={"event_id": event.id})
-                self.metrics.error("provider")
-            if job.slot is not None:
-                job.slot.release()
+        if signals.event_processed.receivers or signals.event_failed.receivers:
+            for j in jobs:
+                failed_one = j.event.status is EventStatus.FAILED
+                signal = signals.event_failed if failed_one else signals.event_processed
+                if signal.receivers:
+                    self._send(signal, j.event)
+        for j in jobs:
+            if j.delivery is not None:
+                self._acknowledge(j)
+
+    def _acknowledge(self, job: _Job) -> None:
+        delivery = job.delivery
+        assert delivery is not None
+        self._untrack(delivery)
+        try:
+            delivery.ack()
+        except Exception as exc:
+            log.warning("eventbroker: ack of event %s failed (it will be redelivered): %s",
+                        job.event.id, exc, extra={"event_id": job.event.id})
+            self.metrics.error("provider")
+        if job.slot is not None:
+            job.slot.release()
 
     def _log_failure(self, event: Event, sub: _Subscription, exc: BaseException,
                      final: bool) -> None:
