@@ -64,6 +64,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -274,6 +275,8 @@ class DatabaseProvider(ProviderBase):
         idle_interval: PostgreSQL: longest wait between reads while no notification arrives
             (a safety net for writers that do not notify); also pings the listen connection.
         page_size: rows per read.
+        group_prefetch: most events a group member claims per round trip (it claims what it
+            handed out in the last ~50 ms, so a slow member still takes one at a time).
         selftest_timeout: how long the listener waits for its own test notification.
         connect_timeout: seconds, for engines the provider creates.
 
@@ -291,6 +294,7 @@ class DatabaseProvider(ProviderBase):
         poll_interval: float = 0.5,
         idle_interval: float = 5.0,
         page_size: int = 500,
+        group_prefetch: int = 100,
         selftest_timeout: float = 2.0,
         connect_timeout: float = 10.0,
     ) -> None:
@@ -298,13 +302,16 @@ class DatabaseProvider(ProviderBase):
             raise ValueError(f"DatabaseProvider: table_name {table_name!r} is not a plain name")
         if not channel or len(channel) > 63:
             raise ValueError(f"DatabaseProvider: channel {channel!r} must be 1-63 characters")
-        if poll_interval <= 0 or idle_interval <= 0 or page_size < 1:
-            raise ValueError("DatabaseProvider: intervals must be > 0 and page_size >= 1")
+        if poll_interval <= 0 or idle_interval <= 0 or page_size < 1 or group_prefetch < 1:
+            raise ValueError(
+                "DatabaseProvider: intervals must be > 0, page_size and group_prefetch >= 1"
+            )
         self.table_name = table_name
         self.channel = channel
         self.poll_interval = float(poll_interval)
         self.idle_interval = float(idle_interval)
         self.page_size = int(page_size)
+        self.group_prefetch = int(group_prefetch)
         self.selftest_timeout = float(selftest_timeout)
         self.engine, self._owns_engine = self._make_engine(engine_or_url, connect_timeout)
         self.url = self.engine.url
@@ -322,6 +329,9 @@ class DatabaseProvider(ProviderBase):
         self._streams: list[QueueEventStream] = []
         self._starts: dict[QueueEventStream, _Start] = {}
         self._group_streams: weakref.WeakSet[_DbGroupStream] = weakref.WeakSet()
+        self._flusher: _AckFlusher | None = None
+        #: Streams holding deferred acknowledgements (kept alive until they are written).
+        self._acks_pending: set[_DbGroupStream] = set()
         self._listener: _Listener | None = None
         self._wake = threading.Condition()
         self._wake_gen = 0
@@ -332,6 +342,7 @@ class DatabaseProvider(ProviderBase):
         self._pg_insert_sql = self._build_pg_insert() if self.is_postgres else None
         self._pg_page_sql = self._build_pg_page_sql() if self.is_postgres else None
         self._build_group_sql()
+        self._build_batch_group_sql()
         self._build_status_sql()
         self._ping()
 
@@ -1086,7 +1097,7 @@ class DatabaseProvider(ProviderBase):
         if self.is_postgres:
             self._ensure_listener()  # its notifications wake the members
         group_id = self._open_group(group, pattern)
-        stream = _DbGroupStream(self, group_id, group, pattern, float(lease))
+        stream = _DbGroupStream(self, group_id, group, pattern, float(lease), self.group_prefetch)
         with self._lock:
             self._group_streams.add(stream)
         return stream
@@ -1124,9 +1135,9 @@ class DatabaseProvider(ProviderBase):
             return int(conn.execute(sa.select(g.c.id).where(*where)).scalar_one())
 
     def _build_group_sql(self) -> None:
-        """The claim/ack/renew statements, built once: each call only binds parameters, so
-        SQLAlchemy reuses the compiled form (these run once or twice per delivered event)."""
-        c, t = self.tables.claims, self._t
+        """The single-claim renewal, built once: each call only binds parameters, so
+        SQLAlchemy reuses the compiled form."""
+        c = self.tables.claims
         gid = sa.bindparam("p_gid", type_=sa.Integer())
         seq = sa.bindparam("p_seq", type_=sa.BigInteger())
         lease: sa.BindParameter[float] = sa.bindparam("p_lease", type_=sa.Double())
@@ -1134,77 +1145,153 @@ class DatabaseProvider(ProviderBase):
         if self.is_postgres:
             now: sa.ColumnElement[Any] = sa.func.extract("epoch", sa.func.clock_timestamp())
             fast = [self._async_commit()]
-            pick = (
-                sa.select(c.c.group_id, c.c.seq)
-                .where(c.c.group_id == gid, c.c.lease_until <= now, *fast)
-                .order_by(c.c.seq)
-                .limit(1)
-                .with_for_update(skip_locked=True, of=c)
-                .cte("pick")
-            )
-            claimed = (
-                c.update()
-                .where(c.c.group_id == pick.c.group_id, c.c.seq == pick.c.seq)
-                .values(lease_until=now + lease, token=token, deliveries=c.c.deliveries + 1)
-                .returning(c.c.seq)
-                .cte("claimed")
-            )
-            self._sql_claim = sa.select(claimed.c.seq, *self._cols).select_from(
-                claimed.outerjoin(t, t.c.seq == claimed.c.seq)
-            )
         else:
             now = sa.bindparam("p_now", type_=sa.Double())
             fast = []
-            self._sql_pick = (
-                sa.select(c.c.seq)
-                .where(c.c.group_id == gid, c.c.lease_until <= now)
-                .order_by(c.c.seq)
-                .limit(1)
-            )
-            self._sql_take = (
-                c.update()
-                .where(c.c.group_id == gid, c.c.seq == seq, c.c.lease_until <= now)
-                .values(lease_until=now + lease, token=token, deliveries=c.c.deliveries + 1)
-            )
-            self._sql_event_at = sa.select(*self._cols).where(t.c.seq == seq)
-        self._sql_ack = c.delete().where(c.c.group_id == gid, c.c.seq == seq, *fast)
         self._sql_renew = (
             c.update()
             .where(c.c.group_id == gid, c.c.seq == seq, c.c.token == token, *fast)
             .values(lease_until=now + lease)
         )
 
-    def _claim(self, stream: _DbGroupStream) -> _DbDelivery | None:
-        """Lease the oldest free (or expired) claim of the group, with its event."""
-        params: dict[str, Any] = {
-            "p_gid": stream.group_id, "p_lease": stream.lease, "p_token": uuid.uuid4().hex,
-        }
-        while True:
-            event_row: tuple[Any, ...] | None
-            with self._errors(), self._serial, self._group_conn() as conn:
-                if self.is_postgres:
-                    row = conn.execute(self._sql_claim, params).first()
-                    if row is None:
-                        return None
-                    seq, event_row = int(row[0]), tuple(row[1:])
-                else:
-                    params["p_now"] = time.time()
-                    picked = conn.execute(self._sql_pick, params).scalar()
-                    if picked is None:
-                        return None
-                    seq = int(picked)
-                    # Compare-and-set: another member may have taken it since.
-                    if not conn.execute(self._sql_take, {**params, "p_seq": seq}).rowcount:
-                        continue
-                    found = conn.execute(self._sql_event_at, {"p_seq": seq}).first()
-                    event_row = tuple(found) if found is not None else None
-                if event_row is None or event_row[0] is None:
-                    # The event was deleted or purged meanwhile: nothing left to deliver.
-                    conn.execute(self._sql_ack, {"p_gid": stream.group_id, "p_seq": seq})
-                    continue
+    def _build_batch_group_sql(self) -> None:
+        """Statements that take, acknowledge, renew or release many claims at once."""
+        c, t = self.tables.claims, self._t
+        if self.is_postgres:
+            prep = self.engine.dialect.identifier_preparer
+            ct, et = prep.format_table(c), prep.format_table(t)
+            cols = ", ".join(f"t.{prep.quote(n)}" for n in EVENT_COLUMNS)
+            now = "extract(epoch FROM clock_timestamp())"
+            fast = "(SELECT set_config('synchronous_commit', 'off', true)) IS NOT NULL"
+            acks = "CAST(:acks AS bigint[])"
+            # Deferred acknowledgements ride along with the next claim: one round trip.
+            self._sql_claim_batch = sa.text(
+                f"WITH acked AS (DELETE FROM {ct} WHERE group_id = :gid AND seq = ANY({acks})), "
+                f"pick AS (SELECT group_id, seq FROM {ct} WHERE group_id = :gid "
+                f"AND lease_until <= {now} AND NOT (seq = ANY({acks})) AND {fast} "
+                f"ORDER BY seq LIMIT :n FOR UPDATE SKIP LOCKED), "
+                f"claimed AS (UPDATE {ct} AS c SET lease_until = {now} + :lease, token = :token, "
+                f"deliveries = c.deliveries + 1 FROM pick "
+                f"WHERE c.group_id = pick.group_id AND c.seq = pick.seq RETURNING c.seq) "
+                f"SELECT claimed.seq, {cols} FROM claimed LEFT JOIN {et} AS t "
+                f"ON t.seq = claimed.seq ORDER BY claimed.seq"
+            ).bindparams(sa.bindparam("lease", type_=sa.Double()))
+            self._sql_ack_many = sa.text(
+                f"DELETE FROM {ct} WHERE group_id = :gid AND seq = ANY({acks}) AND {fast}"
+            )
+            pairs = "unnest(CAST(:seqs AS bigint[]), CAST(:tokens AS text[])) AS u(seq, token)"
+            self._sql_relet_many = sa.text(
+                f"UPDATE {ct} AS c SET lease_until = CASE WHEN :lease > 0 THEN {now} + :lease "
+                f"ELSE 0 END FROM {pairs} WHERE c.group_id = :gid AND c.seq = u.seq "
+                f"AND c.token = u.token AND {fast} RETURNING c.seq"
+            ).bindparams(sa.bindparam("lease", type_=sa.Double()))
+        else:
+            gid = sa.bindparam("p_gid", type_=sa.Integer())
+            now_p = sa.bindparam("p_now", type_=sa.Double())
+            free = (
+                sa.select(c.c.seq)
+                .where(c.c.group_id == gid, c.c.lease_until <= now_p)
+                .order_by(c.c.seq)
+                .limit(sa.bindparam("p_n", type_=sa.Integer()))
+                .scalar_subquery()
+            )
+            # One statement: SQLite takes the write lock for it, so two members never take
+            # the same claim (the token then finds exactly this batch).
+            self._sql_take_batch = (
+                c.update()
+                .where(c.c.group_id == gid, c.c.seq.in_(free))
+                .values(lease_until=now_p + sa.bindparam("p_lease", type_=sa.Double()),
+                        token=sa.bindparam("p_token", type_=sa.String()),
+                        deliveries=c.c.deliveries + 1)
+            )
+            self._sql_taken = (
+                sa.select(c.c.seq, *self._cols)
+                .select_from(c.outerjoin(t, t.c.seq == c.c.seq))
+                .where(c.c.group_id == gid, c.c.token == sa.bindparam("p_token", type_=sa.String()))
+                .order_by(c.c.seq)
+            )
+
+    def _claim_batch(
+        self, stream: _DbGroupStream, n: int, acks: builtins.list[int]
+    ) -> builtins.list[_DbDelivery]:
+        """Write ``acks`` and lease up to ``n`` of the group's oldest free (or expired) claims,
+        with their events, in one transaction (PostgreSQL: one statement)."""
+        token = uuid.uuid4().hex
+        claimed_at = time.monotonic()
+        gone: builtins.list[int] = []
+        with self._errors(), self._serial, self._group_conn() as conn:
+            if self.is_postgres:
+                rows = conn.execute(self._sql_claim_batch, {
+                    "gid": stream.group_id, "acks": acks, "n": n, "lease": stream.lease,
+                    "token": token,
+                }).all()
+            else:
+                if acks:
+                    conn.execute(self._sql_ack_in(stream.group_id, acks))
+                params = {"p_gid": stream.group_id, "p_now": time.time(), "p_n": n,
+                          "p_lease": stream.lease, "p_token": token}
+                rows = []
+                if conn.execute(self._sql_take_batch, params).rowcount:
+                    rows = conn.execute(self._sql_taken, params).all()
+        out: builtins.list[_DbDelivery] = []
+        for row in rows:
+            seq = int(row[0])
+            if row[1] is None:  # the event was deleted or purged meanwhile: nothing to deliver
+                gone.append(seq)
+                continue
+            out.append(_DbDelivery(_row_event(row[1:]), stream, seq, token, claimed_at))
+        if gone:
+            stream._ack_later_many(gone)
+        if out:
             with self._lock:
-                self._consumed += 1
-            return _DbDelivery(_row_event(event_row), stream, seq, params["p_token"])
+                self._consumed += len(out)
+        return out
+
+    def _sql_ack_in(self, gid: int, seqs: Sequence[int]) -> sa.Delete:
+        c = self.tables.claims
+        return c.delete().where(c.c.group_id == gid, c.c.seq.in_(list(seqs)))
+
+    def _ack_many(self, stream: _DbGroupStream, seqs: Sequence[int]) -> None:
+        """Delete the claims ``seqs`` of the group: one statement."""
+        with self._errors(), self._serial, self._group_conn() as conn:
+            if self.is_postgres:
+                conn.execute(self._sql_ack_many, {"gid": stream.group_id, "acks": list(seqs)})
+            else:
+                conn.execute(self._sql_ack_in(stream.group_id, seqs))
+
+    def _relet_many(
+        self, stream: _DbGroupStream, deliveries: Sequence[_DbDelivery], lease: float
+    ) -> set[int]:
+        """Set the leases of ``deliveries`` still held with their tokens to ``lease`` seconds
+        from now (0: free them at once); returns the seqs that were still held."""
+        if not deliveries:
+            return set()
+        if self.is_postgres:
+            with self._errors(), self._serial, self._group_conn() as conn:
+                rows = conn.execute(self._sql_relet_many, {
+                    "gid": stream.group_id, "seqs": [d.seq for d in deliveries],
+                    "tokens": [d.token for d in deliveries], "lease": lease,
+                }).all()
+            return {int(r[0]) for r in rows}
+        held: set[int] = set()
+        c = self.tables.claims
+        with self._errors(), self._serial, self._group_conn() as conn:
+            until = time.time() + lease if lease > 0 else 0.0
+            for d in deliveries:
+                if conn.execute(
+                    c.update()
+                    .where(c.c.group_id == stream.group_id, c.c.seq == d.seq, c.c.token == d.token)
+                    .values(lease_until=until)
+                ).rowcount:
+                    held.add(d.seq)
+        return held
+
+    def _ack_flusher(self) -> _AckFlusher:
+        with self._lock:
+            if self._flusher is None:
+                self._flusher = _AckFlusher(self)
+                self._flusher.start()
+            return self._flusher
 
     def _fill(self, stream: _DbGroupStream) -> tuple[int, bool]:
         """Advance the group's cursor by one page, adding a claim per matching event.
@@ -1269,10 +1356,6 @@ class DatabaseProvider(ProviderBase):
             self._wake_local()
         return len(claims), held or len(rows) == limit
 
-    def _ack(self, delivery: _DbDelivery) -> None:
-        with self._errors(), self._serial, self._group_conn() as conn:
-            conn.execute(self._sql_ack, {"p_gid": delivery.stream.group_id, "p_seq": delivery.seq})
-
     def _renew(self, delivery: _DbDelivery) -> bool:
         params: dict[str, Any] = {"p_gid": delivery.stream.group_id, "p_seq": delivery.seq,
                   "p_token": delivery.token, "p_lease": delivery.stream.lease}
@@ -1336,6 +1419,13 @@ class DatabaseProvider(ProviderBase):
             s.close()
         for g in groups:
             g.close()
+        with self._lock:
+            flusher, self._flusher = self._flusher, None
+            pending = list(self._acks_pending)
+        if flusher is not None:
+            flusher.stop()
+        for g in pending:  # streams nobody closed: write what they still owe
+            g._flush_acks_or_warn()
         with self._wake:
             self._wake.notify_all()
         if listener is not None:
@@ -1352,13 +1442,22 @@ class _DbDelivery:
     stream: _DbGroupStream
     seq: int
     token: str
+    #: ``time.monotonic()`` when the lease was last set (claim or renewal).
+    leased_at: float = 0.0
 
     def ack(self) -> None:
-        """Done: delete the claim, so the group never sees the event again."""
-        self.stream.provider._ack(self)
+        """Done: the claim is deleted, so the group never sees the event again.
+
+        Deferred by a few milliseconds and written together with other acknowledgements (or
+        with the stream's next claim); ``close()`` writes what is still pending. Until it is
+        written the event stays leased to this member, so at worst (a crash in between) it is
+        delivered again: at-least-once.
+        """
+        self.stream._ack_later(self.seq)
 
     def renew(self) -> None:
         """Extend the lease by its full length from now (no-op if it was lost meanwhile)."""
+        self.leased_at = time.monotonic()
         if not self.stream.provider._renew(self):
             logger.warning(
                 "group %r lost the lease on event %s: it may be delivered again",
@@ -1366,22 +1465,47 @@ class _DbDelivery:
             )
 
 
+#: Acknowledgements written at once when this many are pending (else after _ACK_DELAY s).
+_ACK_BATCH = 256
+_ACK_DELAY = 0.005
+#: How far ahead a member claims: what it hands out in this many seconds, at most `prefetch`.
+_PREFETCH_HORIZON = 0.05
+
+
 class _DbGroupStream:
-    """One member of a consumer group (see :meth:`DatabaseProvider.group_stream`)."""
+    """One member of a consumer group (see :meth:`DatabaseProvider.group_stream`).
+
+    Claims events in batches and hands them out one by one. The batch is what this member
+    handed out in the last ~50 ms (at least 1, at most ``prefetch``), so an idle or slow
+    member leases one event at a time and a busy one amortises the round trip over up to
+    ``prefetch`` events. Leases count from the claim; a buffered delivery whose lease is
+    half gone is renewed (with the rest of the buffer, one statement) before it is handed
+    out, and dropped if the lease was lost meanwhile. Acknowledgements are deferred a few
+    milliseconds and written in one statement, or with the next claim.
+    """
 
     def __init__(
-        self, provider: DatabaseProvider, group_id: int, group: str, pattern: str, lease: float
+        self, provider: DatabaseProvider, group_id: int, group: str, pattern: str, lease: float,
+        prefetch: int = 100,
     ) -> None:
         self.provider = provider
         self.group_id = group_id
         self.group = group
         self.pattern = pattern
         self.lease = lease
+        self.prefetch = max(1, int(prefetch))
         self.wants = compile_pattern(pattern)
         self._closed = threading.Event()
         # Expired leases of dead members are noticed by looking: often enough for the lease.
         base = provider.idle_interval if provider.is_postgres else provider.poll_interval
         self._idle = max(0.05, min(base, lease / 4))
+        self._buffer: deque[_DbDelivery] = deque()
+        self._acks: builtins.list[int] = []
+        self._acks_lock = threading.Lock()
+        self._io = threading.RLock()  # one claim / ack write / buffer change at a time
+        self._batch = 1
+        self._handed = 0
+        self._since = time.monotonic()
 
     @property
     def closed(self) -> bool:
@@ -1400,7 +1524,7 @@ class _DbGroupStream:
             if self._closed.is_set() or p._closed:
                 raise StopIteration
             gen = p._wake_gen
-            delivery = p._claim(self)
+            delivery = self._next()
             if delivery is not None:
                 return delivery
             added, again = p._fill(self)
@@ -1415,6 +1539,103 @@ class _DbGroupStream:
                 wait = min(wait, remaining)
             p._wait_wake(gen, wait)
 
+    def _next(self) -> _DbDelivery | None:
+        """A buffered delivery (still leased), else the first of a freshly claimed batch."""
+        with self._io:
+            d = self._take_buffered()
+            if d is not None:
+                return d
+            now = time.monotonic()
+            rate = self._handed / max(now - self._since, 1e-3)
+            want = int(rate * _PREFETCH_HORIZON)
+            self._batch = max(1, min(self.prefetch, 2 * self._batch, want))
+            self._handed, self._since = 0, now
+            with self._acks_lock:
+                acks, self._acks = self._acks, []
+            try:
+                got = self.provider._claim_batch(self, self._batch, acks)
+            except BaseException:
+                self._restore_acks(acks)
+                raise
+            self._buffer.extend(got)
+            return self._take_buffered()
+
+    def _take_buffered(self) -> _DbDelivery | None:
+        buf = self._buffer
+        if not buf:
+            return None
+        if time.monotonic() - buf[0].leased_at > self.lease / 2:
+            held = self.provider._relet_many(self, list(buf), self.lease)
+            now = time.monotonic()
+            kept = [d for d in buf if d.seq in held]
+            for d in kept:
+                d.leased_at = now
+            buf.clear()
+            buf.extend(kept)
+            if not buf:
+                return None
+        self._handed += 1
+        return buf.popleft()
+
+    # -- acknowledgements --
+
+    def _ack_later(self, seq: int) -> None:
+        self._ack_later_many([seq])
+
+    def _ack_later_many(self, seqs: builtins.list[int]) -> None:
+        p = self.provider
+        if self._closed.is_set():
+            p._ack_many(self, seqs)  # after close: nothing will flush it later
+            return
+        with self._acks_lock:
+            first = not self._acks
+            self._acks.extend(seqs)
+            n = len(self._acks)
+        if first:
+            with p._lock:
+                p._acks_pending.add(self)
+        if n >= _ACK_BATCH:
+            self.flush_acks()
+        elif first:
+            p._ack_flusher().request()
+
+    def _restore_acks(self, seqs: builtins.list[int]) -> None:
+        if seqs:
+            with self._acks_lock:
+                self._acks[:0] = seqs
+
+    def flush_acks(self) -> None:
+        """Write the deferred acknowledgements now (one statement).
+
+        Raises:
+            ProviderError: the write failed; the acknowledgements stay pending.
+        """
+        p = self.provider
+        with self._io:
+            with self._acks_lock:
+                seqs, self._acks = self._acks, []
+            if seqs:
+                try:
+                    p._ack_many(self, seqs)
+                except BaseException:
+                    self._restore_acks(seqs)
+                    raise
+            with self._acks_lock:
+                if not self._acks:
+                    with p._lock:
+                        p._acks_pending.discard(self)
+
+    def _flush_acks_or_warn(self) -> None:
+        try:
+            self.flush_acks()
+        except Exception as exc:  # noqa: BLE001 - reported, never silent
+            with self._acks_lock:
+                n = len(self._acks)
+            logger.warning(
+                "group %r: %d acknowledgements could not be written (%s); those events "
+                "will be delivered again when their leases end", self.group, n, exc,
+            )
+
     def __iter__(self) -> Iterator[_DbDelivery]:
         while True:
             d = self.receive(None)
@@ -1422,17 +1643,79 @@ class _DbGroupStream:
                 yield d
 
     def close(self) -> None:
-        """Leave the group; unacknowledged deliveries come back when their leases end."""
+        """Leave the group: write pending acknowledgements, free the claims taken but never
+        handed out; deliveries handed out but not acknowledged come back when their leases
+        end."""
+        if self._closed.is_set():
+            return
         self._closed.set()
         p = self.provider
         with p._wake:
             p._wake.notify_all()
+        with self._io:
+            self._flush_acks_or_warn()
+            unused, self._buffer = builtins.list(self._buffer), deque()
+        if unused:
+            try:
+                p._relet_many(self, unused, 0.0)
+            except Exception as exc:  # noqa: BLE001 - they come back when the leases end
+                logger.debug("group %r: could not free %d claims: %s", self.group,
+                             len(unused), exc)
 
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _AckFlusher(threading.Thread):
+    """Writes the deferred acknowledgements of a provider's group streams, ~5 ms after the
+    first one of a batch arrived. A failed write keeps them pending and is retried."""
+
+    def __init__(self, provider: DatabaseProvider) -> None:
+        super().__init__(name=f"eventbroker-db-acks-{provider.table_name}", daemon=True)
+        self.provider = provider
+        self._cond = threading.Condition()
+        self._asked = False
+        self._stopping = False
+
+    def request(self) -> None:
+        with self._cond:
+            self._asked = True
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if threading.current_thread() is not self:
+            self.join(timeout=10)
+
+    def run(self) -> None:
+        p = self.provider
+        while True:
+            with self._cond:
+                while not self._asked and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                self._asked = False
+                self._cond.wait(_ACK_DELAY)  # let a few gather (stop() cuts it short)
+            with p._lock:
+                streams = builtins.list(p._acks_pending)
+            failed = False
+            for s in streams:
+                try:
+                    s.flush_acks()
+                except Exception as exc:  # noqa: BLE001 - kept pending, retried
+                    failed = True
+                    logger.warning("group %r: writing acknowledgements failed (%s); retrying",
+                                   s.group, exc)
+            if failed:
+                with self._cond:
+                    self._cond.wait(0.5)
+                    self._asked = True
 
 
 class _Listener(threading.Thread):
