@@ -451,7 +451,7 @@ class Broker:
         """
         self._prepare(event)
         subs = self._fanout_for(event.type)
-        self._store_and_announce((event,))
+        self._store_one(event)
         if not subs:
             self._count_unhandled(1)
             return
@@ -475,12 +475,12 @@ class Broker:
         if pool is None:  # a sync-mode broker: async publish still must not block on handlers
             pool = self._ensure_pool()
         if not subs:
-            self._store_and_announce((event,))
+            self._store_one(event)
             self._count_unhandled(1)
             return
         pool.try_reserve()
         try:
-            self._store_and_announce((event,))
+            self._store_one(event)
         except BaseException:
             pool.release()
             raise
@@ -602,6 +602,23 @@ class Broker:
         if not event.instance_id:
             event.instance_id = self.instance_id
         event.validate()
+
+    def _store_one(self, event: Event) -> None:
+        """``_store_and_announce`` for one event: the publish hot path, kept flat."""
+        provider = self.provider
+        if self._origin_aware:
+            provider.store(event)
+            provider.publish_many((event,), origin=self._origin)  # type: ignore[attr-defined]
+        else:
+            if self._receiver is not None:
+                self.note_own((event.id,))
+            provider.store(event)
+            provider.publish(event)
+        with self._counter_lock:
+            self._published += 1
+        self.metrics.published(event.source, event.type)
+        if signals.event_published.receivers:
+            self._send(signals.event_published, event)
 
     def _store_and_announce(self, events: Sequence[Event]) -> None:
         provider = self.provider
@@ -899,8 +916,31 @@ class Broker:
         return self._conclude(job) if done else None
 
     def _finish(self, job: _Job) -> None:
-        """Conclude and record one job now (sync paths)."""
-        self._record([self._conclude(job)])
+        """Conclude and record one job now (sync paths): :meth:`_record` for a single job."""
+        event = self._conclude(job).event
+        status = event.status
+        update = StatusUpdate(event.id, status, event.error, event.retry_count)
+        if self._inline_status or job.inline_status:
+            self._write_statuses([update])
+        else:
+            self._status_writer().add(update)
+        failed = status is EventStatus.FAILED
+        with self._counter_lock:
+            self._processed += 1
+            if failed:
+                self._failed += 1
+        self.metrics.processed(event.source, event.type, status, job.elapsed)
+        if failed:
+            with self._lock:
+                self._dead[event.id] = event.clone()
+                while len(self._dead) > MAX_DEAD_LETTERS:
+                    self._dead.popitem(last=False)
+            if signals.event_failed.receivers:
+                self._send(signals.event_failed, event)
+        elif signals.event_processed.receivers:
+            self._send(signals.event_processed, event)
+        if job.delivery is not None:
+            self._acknowledge(job)
 
     def _conclude(self, job: _Job) -> _Job:
         """Give the event its final status; returns the job for :meth:`_record`."""

@@ -61,6 +61,8 @@ class MemoryProvider(ProviderBase):
         self._seq = itertools.count(1)
         self._streams: list[_CountingStream] = []
         self._groups: dict[tuple[str, str], _Group] = {}
+        # Immutable snapshots for publish, replaced on every change (publish reads lock-free).
+        self._targets: tuple[tuple[_CountingStream, ...], tuple[_Group, ...]] = ((), ())
         self._published = 0
         self._consumed = 0
         self._evicted = 0
@@ -173,11 +175,12 @@ class MemoryProvider(ProviderBase):
         self.publish_many((event,))
 
     def publish_many(self, events: Sequence[Event], *, origin: str | None = None) -> None:
+        self._check_open()
+        streams, groups = self._targets
         with self._lock:
-            self._check_open()
-            streams = list(self._streams)
-            groups = list(self._groups.values())
             self._published += len(events)
+        if not streams and not groups:
+            return
         for event in events:
             for stream in streams:
                 if stream.wants(event.type) and (origin is None or stream.origin != origin):
@@ -193,12 +196,14 @@ class MemoryProvider(ProviderBase):
         with self._lock:
             self._check_open()
             self._streams.append(stream)
+            self._retarget()
         return stream
 
     def _drop_stream(self, stream: QueueEventStream) -> None:
         with self._lock:
             if stream in self._streams:
                 self._streams.remove(stream)
+                self._retarget()
 
     def group_stream(self, pattern: str, group: str, *, lease: float = 30.0) -> _GroupStream:
         validate_pattern(pattern)
@@ -209,8 +214,13 @@ class MemoryProvider(ProviderBase):
             state = self._groups.get((group, pattern))
             if state is None:
                 state = self._groups[(group, pattern)] = _Group(pattern, group)
+                self._retarget()
             state.members += 1
         return _GroupStream(self, state, lease)
+
+    def _retarget(self) -> None:
+        # Caller holds self._lock.
+        self._targets = (tuple(self._streams), tuple(self._groups.values()))
 
     def _count_consumed(self) -> None:
         with self._lock:
