@@ -455,11 +455,33 @@ class Broker:
         if not subs:
             self._count_unhandled(1)
             return
-        job = _Job(event, subs, len(subs), time.perf_counter(),
-                   inline_status=True)
-        self._run_job_inline(job)
-        if job.failures:
-            raise HandlerError(event.error, event_id=event.id, failures=job.failures)
+        started = time.perf_counter()
+        event.mark_processing()
+        for index, sub in enumerate(subs):
+            try:
+                result = sub.handler(event.clone())
+                if result is not None and inspect.isawaitable(result):
+                    self._runner.run(result)
+            except Exception as exc:
+                # A failure: leave the fast path for the job machinery (retries, failures).
+                job = _Job(event, subs, len(subs), started, inline_status=True)
+                self._run_job_inline(job, resume_at=index, first_error=exc)
+                if job.failures:
+                    raise HandlerError(event.error, event_id=event.id,
+                                       failures=job.failures) from None
+                return
+        event.mark_completed()
+        self._record_success(event, time.perf_counter() - started)
+
+    def _record_success(self, event: Event, elapsed: float) -> None:
+        """``_finish`` for a sync event whose handlers all succeeded at the first attempt."""
+        self._write_statuses([StatusUpdate(event.id, EventStatus.COMPLETED, "",
+                                           event.retry_count)])
+        with self._counter_lock:
+            self._processed += 1
+        self.metrics.processed(event.source, event.type, EventStatus.COMPLETED, elapsed)
+        if signals.event_processed.receivers:
+            self._send(signals.event_processed, event)
 
     def publish_async(self, event: Event) -> None:
         """Store and publish ``event`` and queue it for the workers; returns at once.
@@ -830,20 +852,33 @@ class Broker:
         except Exception as exc:
             return exc
 
-    def _run_job_inline(self, job: _Job) -> None:
-        """Sync mode: every handler with its retries, in this thread."""
+    def _run_job_inline(
+        self, job: _Job, resume_at: int = 0, first_error: BaseException | None = None
+    ) -> None:
+        """Sync mode: every handler with its retries, in this thread.
+
+        ``resume_at``/``first_error``: the handlers before ``resume_at`` already succeeded
+        and the one at ``resume_at`` failed its first attempt with ``first_error``.
+        """
         event = job.event
-        event.mark_processing()
+        if first_error is None:
+            event.mark_processing()
         policy = self.retry_policy
-        for sub in job.subs:
-            # The first attempt inline (the hot path), retries below.
-            try:
-                result = sub.handler(event.clone())
-                if result is not None and inspect.isawaitable(result):
-                    self._runner.run(result)
+        for index, sub in enumerate(job.subs):
+            if index < resume_at:
                 continue
-            except Exception as first:
-                exc: BaseException | None = first
+            exc: BaseException | None
+            if index == resume_at and first_error is not None:
+                exc = first_error
+            else:
+                # The first attempt inline (the hot path), retries below.
+                try:
+                    result = sub.handler(event.clone())
+                    if result is not None and inspect.isawaitable(result):
+                        self._runner.run(result)
+                    continue
+                except Exception as first:
+                    exc = first
             attempt = 0
             while True:
                 if exc is None:
