@@ -101,6 +101,7 @@ _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_-]")
 _UTC = dt.UTC
 _ORIGIN = "Eventbroker-Origin"
 _ACK, _NAK, _WPI, _TERM = b"+ACK", b"-NAK", b"+WPI", b"+TERM"
+_STATUS_CONCURRENCY = 32  # status updates in flight at once in update_status_many
 
 
 def _safe_url(url: str) -> str:
@@ -699,16 +700,21 @@ class NatsProvider(ProviderBase):
         for u in updates:
             by_id.setdefault(u.event_id, []).append(u)
 
+        # At most _STATUS_CONCURRENCY events in flight: enough to hide the round trips, few
+        # enough that a fan-out message arriving meanwhile is not queued on the loop behind
+        # thousands of key-value replies (which showed as a latency tail of tens of ms).
+        limit = asyncio.Semaphore(_STATUS_CONCURRENCY)
+
         async def one(chain: list[StatusUpdate]) -> None:
-            for u in chain:
-                await self._update(u.event_id, EventStatus(u.status), u.error, u.retry_count)
+            async with limit:
+                for u in chain:
+                    await self._update(u.event_id, EventStatus(u.status), u.error,
+                                       u.retry_count)
 
         async def apply() -> None:
-            chains = list(by_id.values())
-            for i in range(0, len(chains), 500):
-                await asyncio.gather(*(one(c) for c in chains[i:i + 500]))
+            await asyncio.gather(*(one(c) for c in by_id.values()))
 
-        self._run(apply(), self.request_timeout * (3 + len(by_id) // 500))
+        self._run(apply(), self.request_timeout * (3 + len(by_id) // 100))
 
     def delete(self, event_id: str) -> None:
         async def purge() -> None:
@@ -935,6 +941,6 @@ class NatsProvider(ProviderBase):
 
         try:
             self._loop.run(disconnect(), self.request_timeout)
-        except Exception as exc:  # noqa: BLE001 - closing is best effort
+        except Exception as exc:
             log.debug("nats at %s: close: %s", self._address, exc)
         self._loop.close()
