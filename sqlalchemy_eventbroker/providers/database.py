@@ -275,8 +275,8 @@ class DatabaseProvider(ProviderBase):
         idle_interval: PostgreSQL: longest wait between reads while no notification arrives
             (a safety net for writers that do not notify); also pings the listen connection.
         page_size: rows per read.
-        group_prefetch: most events a group member claims per round trip (it claims what it
-            handed out in the last ~50 ms, so a slow member still takes one at a time).
+        group_prefetch: most events a group member claims per round trip (a busy member
+            ramps up to it; a slow one takes one at a time).
         selftest_timeout: how long the listener waits for its own test notification.
         connect_timeout: seconds, for engines the provider creates.
 
@@ -1024,7 +1024,11 @@ class DatabaseProvider(ProviderBase):
         stream = QueueEventStream(pattern, on_close=self._forget_stream)
         # Under the dispatch lock: no page can slip between the snapshot and the registration.
         with self._lock:
-            self._starts[stream] = self._start_point()
+            start = self._starts[stream] = self._start_point()
+            if not any(not s.closed for s in self._streams):
+                # The listener read nothing while no stream was open; everything before
+                # this start is "before" the stream anyway, so it may skip there.
+                listener.jump = start.cursor()
             self._streams.append(stream)
         listener.kick()
         return stream
@@ -1176,6 +1180,11 @@ class DatabaseProvider(ProviderBase):
                 f"SELECT claimed.seq, {cols} FROM claimed LEFT JOIN {et} AS t "
                 f"ON t.seq = claimed.seq ORDER BY claimed.seq"
             ).bindparams(sa.bindparam("lease", type_=sa.Double()))
+            self._sql_fill_pg: sa.TextClause | None = sa.text(
+                f"INSERT INTO {ct} (group_id, seq, event_id, lease_until, token, deliveries) "
+                f"SELECT :gid, u.seq, u.id, 0, '', 0 FROM "
+                f"unnest(CAST(:seqs AS bigint[]), CAST(:ids AS uuid[])) AS u(seq, id)"
+            )
             self._sql_ack_many = sa.text(
                 f"DELETE FROM {ct} WHERE group_id = :gid AND seq = ANY({acks}) AND {fast}"
             )
@@ -1186,6 +1195,7 @@ class DatabaseProvider(ProviderBase):
                 f"AND c.token = u.token AND {fast} RETURNING c.seq"
             ).bindparams(sa.bindparam("lease", type_=sa.Double()))
         else:
+            self._sql_fill_pg = None
             gid = sa.bindparam("p_gid", type_=sa.Integer())
             now_p = sa.bindparam("p_now", type_=sa.Double())
             free = (
@@ -1348,7 +1358,12 @@ class DatabaseProvider(ProviderBase):
             ).rowcount
             if not moved:  # another member filled this page first; nothing was written
                 return 0, True
-            if claims:
+            if claims and self._sql_fill_pg is not None:
+                conn.execute(self._sql_fill_pg, {
+                    "gid": gid, "seqs": [x["seq"] for x in claims],
+                    "ids": [x["event_id"] for x in claims],
+                })
+            elif claims:
                 conn.execute(c.insert(), claims)
                 if self.is_postgres:  # wake the other members, wherever they run
                     conn.execute(sa.select(sa.func.pg_notify(self.channel, self.table_name)))
@@ -1468,17 +1483,18 @@ class _DbDelivery:
 #: Acknowledgements written at once when this many are pending (else after _ACK_DELAY s).
 _ACK_BATCH = 256
 _ACK_DELAY = 0.005
-#: How far ahead a member claims: what it hands out in this many seconds, at most `prefetch`.
+#: A member that handed out its last batch within this many seconds claims twice as many
+#: next time (at most `prefetch`); a slower one claims one at a time.
 _PREFETCH_HORIZON = 0.05
 
 
 class _DbGroupStream:
     """One member of a consumer group (see :meth:`DatabaseProvider.group_stream`).
 
-    Claims events in batches and hands them out one by one. The batch is what this member
-    handed out in the last ~50 ms (at least 1, at most ``prefetch``), so an idle or slow
-    member leases one event at a time and a busy one amortises the round trip over up to
-    ``prefetch`` events. Leases count from the claim; a buffered delivery whose lease is
+    Claims events in batches and hands them out one by one. The batch doubles (up to
+    ``prefetch``) while each batch is handed out within ~50 ms and falls back to 1 otherwise,
+    so an idle or slow member leases one event at a time and a busy one amortises the round
+    trip over up to ``prefetch`` events. Leases count from the claim; a buffered delivery whose lease is
     half gone is renewed (with the rest of the buffer, one statement) before it is handed
     out, and dropped if the lease was lost meanwhile. Acknowledgements are deferred a few
     milliseconds and written in one statement, or with the next claim.
@@ -1546,10 +1562,9 @@ class _DbGroupStream:
             if d is not None:
                 return d
             now = time.monotonic()
-            rate = self._handed / max(now - self._since, 1e-3)
-            want = int(rate * _PREFETCH_HORIZON)
-            self._batch = max(1, min(self.prefetch, 2 * self._batch, want))
-            self._handed, self._since = 0, now
+            if self._handed:  # the last batch is all out: was it quick?
+                busy = now - self._since < _PREFETCH_HORIZON
+                self._batch = min(self.prefetch, 2 * self._batch) if busy else 1
             with self._acks_lock:
                 acks, self._acks = self._acks, []
             try:
@@ -1557,7 +1572,9 @@ class _DbGroupStream:
             except BaseException:
                 self._restore_acks(acks)
                 raise
-            self._buffer.extend(got)
+            if got:
+                self._handed, self._since = 0, now
+                self._buffer.extend(got)
             return self._take_buffered()
 
     def _take_buffered(self) -> _DbDelivery | None:
@@ -1611,19 +1628,18 @@ class _DbGroupStream:
             ProviderError: the write failed; the acknowledgements stay pending.
         """
         p = self.provider
-        with self._io:
-            with self._acks_lock:
-                seqs, self._acks = self._acks, []
-            if seqs:
-                try:
-                    p._ack_many(self, seqs)
-                except BaseException:
-                    self._restore_acks(seqs)
-                    raise
-            with self._acks_lock:
-                if not self._acks:
-                    with p._lock:
-                        p._acks_pending.discard(self)
+        with self._acks_lock:
+            seqs, self._acks = self._acks, []
+        if seqs:
+            try:
+                p._ack_many(self, seqs)
+            except BaseException:
+                self._restore_acks(seqs)
+                raise
+        with self._acks_lock:
+            if not self._acks:
+                with p._lock:
+                    p._acks_pending.discard(self)
 
     def _flush_acks_or_warn(self) -> None:
         try:
@@ -1733,6 +1749,8 @@ class _Listener(threading.Thread):
         self.mode = "connecting" if provider.is_postgres else "poll"
         self.backend_pid: int | None = None
         self.reconnects = 0
+        #: Set by stream() when it opens the only stream: rows before it need not be read.
+        self.jump: Cursor | None = None
         self._stopping = threading.Event()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -1802,6 +1820,14 @@ class _Listener(threading.Thread):
         p = self.provider
         raw = self._conn if self.mode == "notify" else None
         while not self._stopping.is_set():
+            with p._lock:
+                if not any(not s.closed for s in p._streams):
+                    # Nobody to deliver to (the listener only wakes group members): read
+                    # nothing. The next stream's start point moves the cursor (see stream()).
+                    return False
+                jump, self.jump = self.jump, None
+            if jump is not None and jump > self.cursor:
+                self.cursor = jump
             page = p._read_page(self.cursor, p.page_size, raw)
             if page.events:
                 self.cursor = page.cursor
