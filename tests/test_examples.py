@@ -39,3 +39,11 @@ def test_audit_trail__prints_who_changed_what(args: tuple[str, ...]) -> None:
     out = proc.stdout
     assert "update  by user 2   (request deposit-7): balance: 100.00 -> 125.50" in out, out
     assert "bad-9" not in out
+
+
+def test_replicas__each_mail_once_every_replica_sees_every_change() -> None:
+    """examples/replicas.py: two worker processes on a shared SQLite file split the group
+    events (each once) and both see every fan-out event."""
+    proc = _run("examples/replicas.py")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "each mail sent once, every replica saw every change" in proc.stdout
