@@ -4,8 +4,10 @@ The main process is "the web app": it writes users through the ORM, with the eve
 in the same transaction (transactional outbox) by a ``DatabaseProvider``. Two worker processes
 are "the replicas": each subscribes
 
-* ``main.users.*`` without a group (fan-out: every replica sees every change), and
-* ``main.users.create`` with ``group="emails"`` (competing consumers: one replica per event).
+* ``*.users.*`` without a group (fan-out: every replica sees every change), and
+* ``*.users.create`` with ``group="emails"`` (competing consumers: one replica per event).
+
+(The first segment is the schema: ``main`` on SQLite, ``public`` on PostgreSQL.)
 
 Runs with no server, on a SQLite file shared by the processes (workers poll it)::
 
@@ -59,8 +61,8 @@ def worker(name: str, url: str) -> int:
         say(f"{name} mail {event.payload['name']}")
 
     with provider, Broker(provider=provider, instance_id=name) as broker:
-        broker.subscribe("main.users.*", invalidate)
-        broker.subscribe("main.users.create", welcome, group="emails", lease=5.0)
+        broker.subscribe("*.users.*", invalidate)
+        broker.subscribe("*.users.create", welcome, group="emails", lease=5.0)
         say(f"{name} ready")
         sys.stdin.read()  # until the main process closes our stdin
     return 0
