@@ -212,6 +212,7 @@ class Broker:
         self._origin_aware = bool(getattr(provider, "supports_origin", False))
         # Outcomes are batched only where a write is a round trip (see StatusWriter).
         self._update_status_many = getattr(provider, "update_status_many", None)
+        self._store_and_publish = getattr(provider, "store_and_publish_many", None)
         self._inline_status = bool(getattr(provider, "inline_status_writes", False)) or \
             self._update_status_many is None
 
@@ -628,7 +629,11 @@ class Broker:
     def _store_one(self, event: Event) -> None:
         """``_store_and_announce`` for one event: the publish hot path, kept flat."""
         provider = self.provider
-        if self._origin_aware:
+        if self._store_and_publish is not None:
+            if not self._origin_aware and self._receiver is not None:
+                self.note_own((event.id,))
+            self._store_and_publish((event,), origin=self._origin if self._origin_aware else None)
+        elif self._origin_aware:
             provider.store(event)
             provider.publish_many((event,), origin=self._origin)  # type: ignore[attr-defined]
         else:
@@ -646,7 +651,9 @@ class Broker:
         provider = self.provider
         if self._receiver is not None and not self._origin_aware:
             self.note_own([e.id for e in events])
-        if len(events) == 1:
+        if self._store_and_publish is not None:
+            self._store_and_publish(events, origin=self._origin if self._origin_aware else None)
+        elif len(events) == 1:
             provider.store(events[0])
             if self._origin_aware:
                 provider.publish_many(events, origin=self._origin)  # type: ignore[attr-defined]

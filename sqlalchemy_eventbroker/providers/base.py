@@ -45,6 +45,7 @@ __all__ = [
     "QueueEventStream",
     "StatusBatchProvider",
     "StatusUpdate",
+    "StoreAndPublishProvider",
     "TransactionalProvider",
 ]
 
@@ -222,6 +223,21 @@ class BatchProvider(Protocol):
     def store_many(self, events: Sequence[Event]) -> None: ...
 
     def publish_many(self, events: Sequence[Event]) -> None: ...
+
+
+@runtime_checkable
+class StoreAndPublishProvider(Protocol):
+    """Optional: store events and make them visible to streams in one round trip.
+
+    Equivalent to ``store_many(events)`` followed by ``publish_many(events)``; the broker
+    prefers it, so a remote backend needs no second round trip per publish. ``origin`` (only
+    passed to providers that set ``supports_origin``) tags the events so the publishing
+    broker's own streams can skip them.
+    """
+
+    def store_and_publish_many(
+        self, events: Sequence[Event], *, origin: str | None = None
+    ) -> None: ...
 
 
 class StatusUpdate(NamedTuple):
