@@ -20,9 +20,11 @@ mapper listeners; ``handle.remove()`` detaches exactly those. The path of a writ
 3. Outbox seam: when ``broker.provider`` implements ``TransactionalProvider`` and
    ``shares_transaction(session.connection())`` (asked once per transaction), each flush's
    events are handed to ``write_in_transaction(connection, events)`` before commit, inside a
-   SAVEPOINT of their own, so a failing write rolls back only itself: the user's transaction
-   goes on, and those events fall back to being stored by the broker after commit (logged
-   and counted). ``broker.note_own(ids)`` runs first so the broker's receiver skips the echo.
+   SAVEPOINT of their own (capture's ``begin_nested()``, or the provider's own when the class
+   defining ``write_in_transaction`` declares ``write_in_transaction_is_isolated = True``, as
+   ``DatabaseProvider`` does: it pipelines savepoint, insert and release in one round trip),
+   so a failing write rolls back only itself: the user's transaction goes on, and those
+   events fall back to being stored by the broker after commit (logged and counted). ``broker.note_own(ids)`` runs first so the broker's receiver skips the echo.
 4. ``after_commit`` of the root transaction hands everything, in flush order, to
    ``broker.publish_captured(events, stored=...)``; a rollback publishes nothing.
 
@@ -117,6 +119,31 @@ _MISSING: Any = object()
 _DEFAULT_SCHEMAS = {"postgresql": "public", "sqlite": "main"}
 
 
+_ISOLATION: dict[type, bool] = {}
+
+
+def _isolates_itself(provider: object) -> bool:
+    """Whether ``provider.write_in_transaction`` wraps itself in a savepoint (then capture
+    adds none: on PostgreSQL the provider sends savepoint, insert and release in one round
+    trip, where capture's ``begin_nested()`` costs two more).
+
+    The class that defines ``write_in_transaction`` must itself declare
+    ``write_in_transaction_is_isolated`` (an attribute or property, True): a subclass that overrides the method
+    without declaring it again is protected by capture's savepoint, as any other provider.
+    """
+    cls = type(provider)
+    declared = _ISOLATION.get(cls)
+    if declared is None:
+        declared = False
+        for klass in cls.__mro__:
+            if "write_in_transaction" in vars(klass):
+                declared = "write_in_transaction_is_isolated" in vars(klass)
+                break
+        _ISOLATION[cls] = declared
+    # The declaration may be a property (DatabaseProvider: only on PostgreSQL).
+    return declared and getattr(provider, "write_in_transaction_is_isolated", False) is True
+
+
 # -- configuration -------------------------------------------------------------------------
 
 
@@ -144,7 +171,9 @@ class CRUDHookConfig:
     capture_bulk: bool = True
     #: Wrap each outbox write in a SAVEPOINT so a failing write never aborts the user's
     #: transaction. Turn off only for a provider whose writes cannot fail (saves two
-    #: round trips per flush).
+    #: round trips per flush). Providers that declare ``write_in_transaction_is_isolated``
+    #: (``DatabaseProvider``) protect the write themselves, more cheaply; capture then adds
+    #: no savepoint of its own.
     outbox_savepoint: bool = True
 
     def __post_init__(self) -> None:
@@ -715,14 +744,14 @@ class _Capture:
         ids = [e.id for e in events]
         try:
             broker.note_own(ids)
-            if self.config.outbox_savepoint:
+            if self.config.outbox_savepoint and not _isolates_itself(writer):
                 with conn.begin_nested():
                     writer.write_in_transaction(conn, events)
             else:
                 writer.write_in_transaction(conn, events)
         except Exception as exc:  # noqa: BLE001 - capture never fails the user's work
-            # The savepoint rolled the failed write back; the broker stores these events (and
-            # the rest of this transaction's) after commit instead.
+            # The savepoint (the provider's own, or ours) rolled the failed write back; the
+            # broker stores these events (and the rest of this transaction's) after commit.
             st.outbox = False
             broker.forget_own(ids)
             self.error(exc, "write_in_transaction", broker)

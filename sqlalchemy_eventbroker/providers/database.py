@@ -161,6 +161,9 @@ def _row_event(row: Sequence[Any]) -> Event:
     )
 
 
+#: The savepoint around an outbox write (see DatabaseProvider._isolated_insert).
+_OUTBOX_SAVEPOINT = "eventbroker_outbox"
+
 #: A pooled connection idle for longer than this is pinged before use (see _ping_when_idle).
 _PING_AFTER_IDLE = 1.0
 
@@ -501,13 +504,77 @@ class DatabaseProvider(ProviderBase):
 
     def _insert(self, conn: Connection, events: Sequence[Event]) -> None:
         """ONE statement for all ``events`` on ``conn`` (plus the NOTIFY on PostgreSQL)."""
+        self._execute_insert(conn, self._insert_params(events))
+
+    def _insert_params(self, events: Sequence[Event]) -> Any:
         if self._pg_insert_sql is not None:
             doc = _json.dumps([_pg_doc_row(e) for e in events])
-            conn.execute(
-                self._pg_insert_sql, {"doc": doc, "channel": self.channel, "hint": self.table_name}
-            )
+            return {"doc": doc, "channel": self.channel, "hint": self.table_name}
+        return [_core_row(e) for e in events]
+
+    def _execute_insert(self, conn: Connection, params: Any) -> None:
+        if self._pg_insert_sql is not None:
+            conn.execute(self._pg_insert_sql, params)
         else:
-            conn.execute(self._t.insert(), [_core_row(e) for e in events])
+            conn.execute(self._t.insert(), params)
+
+    def _isolated_insert(self, conn: Connection, events: Sequence[Event]) -> None:
+        """:meth:`_insert` inside a savepoint of its own, so that a failure undoes only the
+        insert and the caller's transaction goes on.
+
+        PostgreSQL with psycopg 3: ``SAVEPOINT``, the insert and ``RELEASE`` travel in ONE
+        round trip (pipeline mode on the driver connection); on failure one more round trip
+        rolls back to the savepoint. Other PostgreSQL drivers: a SQLAlchemy ``begin_nested()``.
+        A connection in autocommit mode needs none: the insert is a transaction of its own.
+        Other databases: no savepoint here (``write_in_transaction_is_isolated`` is False
+        there; capture adds its own).
+        """
+        params = self._insert_params(events)  # Python-side failures happen before any SQL
+        if not self.is_postgres:
+            # Not isolated here (write_in_transaction_is_isolated is False): capture adds its
+            # savepoint, where the application configured SQLite savepoints to work.
+            self._execute_insert(conn, params)
+            return
+        import psycopg
+
+        driver = conn.connection.driver_connection
+        if getattr(driver, "autocommit", False):
+            self._execute_insert(conn, params)
+            return
+        if not isinstance(driver, psycopg.Connection):  # asyncpg, psycopg async, psycopg2
+            with conn.begin_nested():
+                self._execute_insert(conn, params)
+            return
+        if not conn.in_transaction():
+            conn.begin()  # as SQLAlchemy's autobegin would on the first statement
+        savepoint = False
+        try:
+            with driver.pipeline():
+                conn.exec_driver_sql(f"SAVEPOINT {_OUTBOX_SAVEPOINT}")
+                savepoint = True
+                self._execute_insert(conn, params)
+                conn.exec_driver_sql(f"RELEASE SAVEPOINT {_OUTBOX_SAVEPOINT}")
+        except Exception as exc:
+            if savepoint:
+                self._undo_savepoint(driver)
+            if isinstance(exc, sa_exc.SQLAlchemyError | ProviderError):
+                raise
+            raise ProviderError(f"database at {self.address}: {exc}") from exc
+
+    @staticmethod
+    def _undo_savepoint(driver: Any) -> None:
+        """After a failed pipelined write: roll back to the savepoint (if the release did not
+        happen) so the caller's transaction is usable again."""
+        import psycopg
+
+        status = driver.info.transaction_status
+        if status == psycopg.pq.TransactionStatus.IDLE:
+            return
+        try:
+            driver.execute(f"ROLLBACK TO SAVEPOINT {_OUTBOX_SAVEPOINT}")
+            driver.execute(f"RELEASE SAVEPOINT {_OUTBOX_SAVEPOINT}")
+        except psycopg.errors.InvalidSavepointSpecification:
+            pass  # released before the failure: nothing of ours is left to undo
 
     def _store(self, events: Sequence[Event], *, track: bool = True) -> None:
         if not events:
@@ -599,19 +666,29 @@ class DatabaseProvider(ProviderBase):
         self._share_cache[engine] = same
         return same
 
+    @property
+    def write_in_transaction_is_isolated(self) -> bool:
+        """PostgreSQL: ``write_in_transaction`` protects the caller's transaction itself (a
+        failing write rolls back only its own savepoint), so capture adds none of its own."""
+        return self.is_postgres
+
     def write_in_transaction(self, connection: Connection, events: Sequence[Event]) -> None:
         """Insert ``events`` on ``connection``, inside its transaction: ONE statement.
 
         On PostgreSQL the statement also issues the wake-up ``pg_notify``; PostgreSQL merges
         identical notifications of one transaction, so listeners wake once per commit. The rows
         become visible to streams when (and only if) the caller commits.
+
+        On PostgreSQL the insert runs in a savepoint of its own (sent in the same round trip:
+        ``SAVEPOINT``, insert, ``RELEASE`` pipelined), so when it fails only the insert is
+        undone: the caller's transaction stays usable and this raises :class:`ProviderError`.
         """
         if not events:
             return
         self._check_open()
         self._check_ids(events)
         with self._errors():
-            self._insert(connection, events)
+            self._isolated_insert(connection, events)
         with self._lock:
             self._published += len(events)
             for e in events:  # travels on commit: a later publish() must not resend it

@@ -289,7 +289,8 @@ def test_outbox__one_statement_per_call_and_rollback_leaves_nothing(
         tx = conn.begin()
         provider.write_in_transaction(conn, events)
         tx.rollback()
-    assert len(statements) == 1
+    inserts = [st for st in statements if "INSERT" in st.upper()]
+    assert len(inserts) == 1  # (+ SAVEPOINT/RELEASE on PostgreSQL, in the same round trip)
     assert provider.list(EventFilter()) == []
     assert stream.receive(timeout=0.3) is None
     with provider.engine.begin() as conn:
@@ -317,6 +318,55 @@ def test_outbox__data_and_events_commit_together(provider: DatabaseProvider) -> 
     with Session(provider.engine) as s:
         assert [i.name for i in s.query(Item)] == ["ada"]
     Base.metadata.drop_all(provider.engine)
+
+
+def test_outbox__failing_write_leaves_the_callers_transaction_usable(
+    pg: DatabaseProvider,
+) -> None:
+    """A write that fails inside the database (here: a duplicate id) undoes only itself:
+    ProviderError, and the caller's earlier and later work in the transaction commits."""
+    Base.metadata.create_all(pg.engine)
+    try:
+        stored = _ev(n=0)
+        pg.store(stored)
+        with Session(pg.engine) as s, s.begin():
+            s.add(Item(name="before"))
+            s.flush()
+            good = _ev(n=1)
+            pg.write_in_transaction(s.connection(), [good])
+            with pytest.raises(ProviderError):
+                pg.write_in_transaction(s.connection(), [_ev(n=2), stored])
+            s.add(Item(name="after"))
+            s.flush()
+            again = _ev(n=3)
+            pg.write_in_transaction(s.connection(), [again])
+        with Session(pg.engine) as s:
+            assert sorted(i.name for i in s.query(Item)) == ["after", "before"]
+        ids = {e.id for e in pg.list(EventFilter())}
+        assert ids == {stored.id, good.id, again.id}
+    finally:
+        Base.metadata.drop_all(pg.engine)
+
+
+def test_outbox__declares_itself_isolated() -> None:
+    """Capture skips its own savepoint only for the class that declares the isolation."""
+    from sqlalchemy_eventbroker.capture import _isolates_itself
+
+    class Overrides(DatabaseProvider):
+        def write_in_transaction(self, connection: Any, events: Any) -> None: ...
+
+    class Inherits(DatabaseProvider):
+        pass
+
+    def make(cls: type, is_postgres: bool) -> Any:
+        obj = object.__new__(cls)
+        obj.is_postgres = is_postgres
+        return obj
+
+    assert _isolates_itself(make(DatabaseProvider, True))
+    assert _isolates_itself(make(Inherits, True))
+    assert not _isolates_itself(make(Overrides, True))
+    assert not _isolates_itself(make(DatabaseProvider, False))  # SQLite: capture's savepoint
 
 
 def test_outbox__one_notify_per_transaction(pg: DatabaseProvider) -> None:
