@@ -3,7 +3,8 @@
 Backend
     nats-server ≥ 2.9 with JetStream enabled. URL form ``nats://[user:password@]host:port``
     (several servers separated by commas). nats-py is asyncio-only: each provider runs one
-    :class:`~._loop.LoopThread` with one connection, and the synchronous API waits on it.
+    :class:`~._loop.LoopThread` with one connection (plus one more of each for status writes,
+    see Store), and the synchronous API waits on it.
 
 Subjects and streams
     Events are published to ``<prefix>.<event type>`` in the JetStream stream ``stream_name``
@@ -16,19 +17,17 @@ Subjects and streams
 Store
     A key-value bucket (``<stream_name>_store``, history 1) maps event id → event JSON.
     ``update_status`` is a compare-and-set on the key's revision (retried on conflict);
-    ``update_status_many`` runs the updates of different events concurrently.
-    The broker calls ``store`` and then ``publish`` for each event; ``store`` is therefore
-    *deferred* for up to ``store_delay`` seconds (default 20 ms) and rides on the
-    ``publish``: the put is written to the connection ahead of the publish and both acks are
-    awaited together (one round trip instead of two). Read-your-writes holds within the
-    provider object: ``get``, ``update_status``, ``delete``, ``list`` and ``stats`` first
-    write the deferred stores they depend on. A store whose publish never comes is written
-    by a flusher thread after ``store_delay`` (retried while the server is away; failures
-    counted in ``provider_specific["deferred_store_failures"]``) or at ``close()``. Other
-    processes see a lone ``store`` up to ``store_delay`` later; ``store_delay=0`` writes at
-    once. Put and publish go to two JetStream streams: the server receives the put first,
-    and a consumer's status write-back (after receiving and handling the event) finds it
-    stored; ``publish`` returns only when both are acknowledged.
+    ``update_status_many`` runs the updates of different events concurrently. Status writes
+    (read, then compare-and-set) go through a second connection on a second loop thread,
+    made on the first status write: a consumer writing back thousands of statuses never
+    queues its fan-out messages behind the key-value replies on one connection and loop.
+    ``store``/``store_many`` put at once (all puts in flight together, acks awaited
+    together). ``store_and_publish_many``, which the broker uses for every publish, writes
+    the puts and then the stream publishes to the connection in one go and awaits all the
+    acks together: one round trip for store + publish. Put and publish go to two JetStream
+    streams: the server receives the put first, and a consumer's status write-back (after
+    receiving and handling the event) finds it stored; the call returns only when both are
+    acknowledged.
     ``list`` and ``stats`` read the latest value of every key (a KV watch), then filter and
     sort oldest ``created_at`` first in Python: their cost grows with the number of stored
     events. ``max_age`` bounds how long the stream and the bucket keep events.
@@ -87,7 +86,6 @@ from .._types import JSON
 from ..errors import ProviderError
 from ..event import Event, EventStatus
 from ..pattern import compile_pattern, validate_pattern
-from ._deferred import DeferredStores, Entry
 from ._loop import LoopClosed, LoopThread
 from .base import EventFilter, ProviderBase, ProviderStats, QueueEventStream, StatusUpdate
 
@@ -384,9 +382,6 @@ class NatsProvider(ProviderBase):
         connect_timeout: seconds to wait for the first connection.
         reconnect_wait: seconds between reconnection attempts (nats-py retries forever).
         max_ack_pending: cap on unacknowledged messages per group.
-        store_delay: seconds a ``store`` may wait for the ``publish`` of the same event, so
-            that the key-value put and the stream publish are in flight together (see
-            "Store" in the module docstring); 0 writes every ``store`` at once.
 
     Raises:
         ProviderError: no server answers at ``url``, or JetStream is not enabled there.
@@ -413,7 +408,6 @@ class NatsProvider(ProviderBase):
         connect_timeout: float = 5.0,
         reconnect_wait: float = 0.5,
         max_ack_pending: int = 10_000,
-        store_delay: float = 0.02,
     ) -> None:
         if not stream_name or re.search(r"[\s.*>/\\]", stream_name):
             raise ValueError(f"NatsProvider: invalid stream_name {stream_name!r}")
@@ -434,12 +428,6 @@ class NatsProvider(ProviderBase):
         self.connect_timeout = connect_timeout
         self.reconnect_wait = reconnect_wait
         self.max_ack_pending = max_ack_pending
-        if store_delay < 0:
-            raise ValueError(f"NatsProvider: store_delay must be >= 0, got {store_delay}")
-        self.store_delay = store_delay
-        self._deferred = (DeferredStores(self._write_stored, delay=store_delay,
-                                         name=f"eventbroker-nats-store-{stream_name}")
-                          if store_delay > 0 else None)
         self.bucket = f"{_safe_name(stream_name)}_store"
         self._address = _safe_url(url)
         self._lock = threading.Lock()
@@ -448,6 +436,11 @@ class NatsProvider(ProviderBase):
         self._consumed = 0
         self._streams: list[_NatsFanoutStream] = []
         self._groups: list[_NatsGroupStream] = []
+        # Status writes: their own connection and loop thread, made on first use.
+        self._status_lock = threading.Lock()
+        self._status_loop: LoopThread | None = None
+        self._status_nc: Any = None
+        self._status_kv: Any = None
         self._loop = LoopThread(name=f"eventbroker-nats-{stream_name}")
         try:
             with _translate_errors(self._address):
@@ -458,19 +451,20 @@ class NatsProvider(ProviderBase):
 
     # -- connection ----------------------------------------------------------------------------
 
-    async def _connect(self) -> None:
+    async def _open(self, name: str) -> Any:
+        """A new nats-py connection that reconnects forever (after a fail-fast probe)."""
         async def on_error(exc: Exception) -> None:
             log.warning("nats at %s: %s", self._address, exc)
 
         async def on_disconnect() -> None:
             if not self._closed:
-                log.warning("nats at %s: disconnected; reconnecting", self._address)
+                log.warning("nats at %s: %s disconnected; reconnecting", self._address, name)
 
         async def on_reconnect() -> None:
-            log.info("nats at %s: reconnected", self._address)
+            log.info("nats at %s: %s reconnected", self._address, name)
 
         await self._probe()
-        self._nc = await nats.connect(
+        return await nats.connect(
             servers=[u.strip() for u in self.url.split(",")],
             connect_timeout=self.connect_timeout,
             reconnect_time_wait=self.reconnect_wait,
@@ -479,8 +473,11 @@ class NatsProvider(ProviderBase):
             error_cb=on_error,
             disconnected_cb=on_disconnect,
             reconnected_cb=on_reconnect,
-            name=f"eventbroker:{self.stream_name}",
+            name=name,
         )
+
+    async def _connect(self) -> None:
+        self._nc = await self._open(f"eventbroker:{self.stream_name}")
         try:
             self._js = self._nc.jetstream(timeout=self.request_timeout)
             await self._ensure_stream()
@@ -488,6 +485,39 @@ class NatsProvider(ProviderBase):
         except BaseException:
             await self._nc.close()
             raise
+
+    async def _connect_status(self) -> None:  # on the status loop
+        nc = await self._open(f"eventbroker:{self.stream_name}:status")
+        try:
+            kv = await nc.jetstream(timeout=self.request_timeout).key_value(self.bucket)
+        except BaseException:
+            await nc.close()
+            raise
+        self._status_nc, self._status_kv = nc, kv
+
+    def _run_status(self, make: Any, timeout: float | None = None) -> Any:
+        """Run ``make(kv)`` (a coroutine on the status bucket handle) on the status loop,
+        connecting it first if this is the first status write."""
+        if self._closed:
+            raise ProviderError(f"nats at {self._address}: the provider is closed")
+        loop = self._status_loop
+        if loop is None:
+            with self._status_lock:
+                if self._closed:
+                    raise ProviderError(f"nats at {self._address}: the provider is closed")
+                loop = self._status_loop
+                if loop is None:
+                    loop = LoopThread(name=f"eventbroker-nats-status-{self.stream_name}")
+                    try:
+                        with _translate_errors(self._address):
+                            loop.run(self._connect_status(),
+                                     self.connect_timeout + self.request_timeout * 2)
+                    except BaseException:
+                        loop.close()
+                        raise
+                    self._status_loop = loop
+        with _translate_errors(self._address):
+            return loop.run(make(self._status_kv), timeout or self.request_timeout * 3)
 
     async def _probe(self) -> None:
         """Fail fast when no server listens: nats-py would retry the first connect forever."""
@@ -567,12 +597,6 @@ class NatsProvider(ProviderBase):
     def _write_stored(self, items: Sequence[tuple[str, bytes]]) -> None:
         self._run(self._put_all(items), self.request_timeout * (2 + len(items) // 1000))
 
-    def _settle(self, event_ids: Sequence[str] | None) -> None:
-        """Write the deferred stores of ``event_ids`` (all when ``None``) before reading or
-        changing them: read-your-writes within this provider."""
-        if self._deferred is not None and len(self._deferred):
-            self._deferred.settle(event_ids)
-
     def _store_items(self, events: Sequence[Event]) -> list[tuple[str, bytes]]:
         if self._closed:
             raise ProviderError(f"nats at {self._address}: the provider is closed")
@@ -584,23 +608,18 @@ class NatsProvider(ProviderBase):
         return items
 
     def store(self, event: Event) -> None:
-        """Store ``event``; with ``store_delay`` the put may ride on its ``publish``."""
-        self.store_many((event,))
+        """Store ``event`` now (one put, acknowledged)."""
+        self._write_stored(self._store_items((event,)))
 
     def store_many(self, events: Sequence[Event]) -> None:
-        """Store ``events`` with every put in flight at once (deferred like ``store``)."""
+        """Store ``events`` with every put in flight at once, then wait for the acks."""
         if not events:
             return
-        items = self._store_items(events)
-        if self._deferred is not None:
-            for item in items:
-                self._deferred.add(item[0], item)
-        else:
-            self._write_stored(items)
+        self._write_stored(self._store_items(events))
 
-    async def _get(self, event_id: str) -> tuple[Event, int] | None:
+    async def _get(self, event_id: str, kv: Any = None) -> tuple[Event, int] | None:
         try:
-            entry = await self._kv.get(event_id)
+            entry = await (kv or self._kv).get(event_id)
         except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
             return None
         except nats.js.errors.InvalidKeyError:
@@ -610,8 +629,6 @@ class NatsProvider(ProviderBase):
         return Event.from_json(entry.value), int(entry.revision or 0)
 
     def get(self, event_id: str) -> Event | None:
-        if self._deferred is not None and event_id in self._deferred:
-            self._settle([event_id])
         found = self._run(self._get(event_id))
         return found[0] if found else None
 
@@ -651,16 +668,15 @@ class NatsProvider(ProviderBase):
 
         Reads every stored event (see the module docstring): cost grows with the bucket.
         """
-        self._settle(None)
         events = [e for e in self._run(self._scan(), None) if filter.matches(e)]
         events.sort(key=lambda e: (e.created_at, e.id))
         events = events[filter.offset:]
         return events[:filter.limit] if filter.limit else events
 
-    async def _update(self, event_id: str, status: EventStatus, error: str,
+    async def _update(self, kv: Any, event_id: str, status: EventStatus, error: str,
                       retry_count: int | None) -> None:
         for _ in range(50):
-            found = await self._get(event_id)
+            found = await self._get(event_id, kv)
             if found is None:
                 return
             event, revision = found
@@ -676,7 +692,7 @@ class NatsProvider(ProviderBase):
                 if event.processed_at is None:
                     event.processed_at = now
             try:
-                await self._kv.update(event_id, event.to_json().encode(), last=revision)
+                await kv.update(event_id, event.to_json().encode(), last=revision)
                 return
             except nats.js.errors.KeyWrongLastSequenceError:
                 continue  # someone else changed it meanwhile: read again
@@ -686,43 +702,38 @@ class NatsProvider(ProviderBase):
         self, event_id: str, status: EventStatus, error: str = "", *,
         retry_count: int | None = None,
     ) -> None:
-        if self._deferred is not None and event_id in self._deferred:
-            self._settle([event_id])
-        self._run(self._update(event_id, EventStatus(status), error, retry_count))
+        status = EventStatus(status)
+        self._run_status(lambda kv: self._update(kv, event_id, status, error, retry_count))
 
     def update_status_many(self, updates: Sequence[StatusUpdate]) -> None:
         """Apply ``updates`` (same semantics as ``update_status`` each), the updates of
         different events concurrently, those of one event in order."""
         if not updates:
             return
-        self._settle([u.event_id for u in updates])
         by_id: dict[str, list[StatusUpdate]] = {}
         for u in updates:
             by_id.setdefault(u.event_id, []).append(u)
 
-        # At most _STATUS_CONCURRENCY events in flight: enough to hide the round trips, few
-        # enough that a fan-out message arriving meanwhile is not queued on the loop behind
-        # thousands of key-value replies (which showed as a latency tail of tens of ms).
-        limit = asyncio.Semaphore(_STATUS_CONCURRENCY)
+        # At most _STATUS_CONCURRENCY events in flight: enough to hide the round trips
+        # without flooding the status connection's outbound buffer.
+        async def apply(kv: Any) -> None:
+            limit = asyncio.Semaphore(_STATUS_CONCURRENCY)
 
-        async def one(chain: list[StatusUpdate]) -> None:
-            async with limit:
-                for u in chain:
-                    await self._update(u.event_id, EventStatus(u.status), u.error,
-                                       u.retry_count)
+            async def one(chain: list[StatusUpdate]) -> None:
+                async with limit:
+                    for u in chain:
+                        await self._update(kv, u.event_id, EventStatus(u.status), u.error,
+                                           u.retry_count)
 
-        async def apply() -> None:
             await asyncio.gather(*(one(c) for c in by_id.values()))
 
-        self._run(apply(), self.request_timeout * (3 + len(by_id) // 100))
+        self._run_status(apply, self.request_timeout * (3 + len(by_id) // 100))
 
     def delete(self, event_id: str) -> None:
         async def purge() -> None:
             with contextlib.suppress(nats.js.errors.InvalidKeyError):
                 await self._kv.purge(event_id)
 
-        if self._deferred is not None and event_id in self._deferred:
-            self._settle([event_id])
         self._run(purge())
 
     # -- transport -----------------------------------------------------------------------------
@@ -741,58 +752,48 @@ class NatsProvider(ProviderBase):
     def publish_many(self, events: Sequence[Event], *, origin: str | None = None) -> None:
         """Publish ``events`` asynchronously and wait for all the server's acks.
 
-        The deferred stores of these events are put in the same go, every put sent ahead of
-        the publishes on the one connection: one round trip for store + publish.
         ``origin`` goes in a header, so that a stream opened with the same
         ``exclude_origin`` skips these messages (a broker ignoring its own events).
         """
+        self._send(events, (), origin)
+
+    def store_and_publish_many(self, events: Sequence[Event], *,
+                               origin: str | None = None) -> None:
+        """``store_many(events)`` then ``publish_many(events, origin=origin)`` in one round
+        trip: every put is written to the connection ahead of the publishes and all the acks
+        are awaited together (the server receives each put before its publish)."""
+        self._send(events, self._store_items(events), origin)
+
+    def _send(self, events: Sequence[Event], stored: Sequence[tuple[str, bytes]],
+              origin: str | None) -> None:
+        """Put ``stored`` and publish ``events``, all in flight at once, up to ~1000 messages
+        (puts and publishes) at a time, then wait for every ack of the chunk."""
         if not events:
             return
         if self._closed:
             raise ProviderError(f"nats at {self._address}: the provider is closed")
         subjects = [self._subject(e) for e in events]
-        deferred = self._deferred
-        claimed: list[Entry] = (deferred.acquire([e.id for e in events])
-                                if deferred is not None and len(deferred) else [])
-        stored = [c.item for c in claimed]
+        payloads = ([v for _, v in stored] if stored
+                    else [e.to_json().encode() for e in events])
         headers = {_ORIGIN: origin} if origin else None
-        pre = self._kv._pre if stored else ""
+        pre = self._kv._pre
         stream = self.stream_name
-        size = max(self.batch_size, 1000)
+        size = max(self.batch_size, 1000) // (2 if stored else 1)
+        timeout = self.request_timeout
 
-        async def with_puts() -> None:
-            if not stored:
-                await publish_events()
-                return
-            puts: list[asyncio.Future[Any]] = []
+        async def send() -> None:
             publish_async = self._js.publish_async
-            for key, value in stored:
-                puts.append(await publish_async(pre + key, value))
-            # The puts go out ahead of the publishes; their acks are awaited together.
-            await asyncio.gather(publish_events(), asyncio.wait_for(asyncio.gather(*puts),
-                                                                    self.request_timeout))
+            for i in range(0, len(events), size):
+                futures = []
+                for key, value in stored[i:i + size]:
+                    futures.append(await publish_async(pre + key, value))
+                for j in range(i, min(i + size, len(events))):
+                    futures.append(await publish_async(
+                        subjects[j], payloads[j], stream=stream,
+                        headers=dict(headers) if headers else None))
+                await asyncio.wait_for(asyncio.gather(*futures), timeout)
 
-        async def publish_events() -> None:
-            publish_async = self._js.publish_async
-            futures = []
-            for i, e in enumerate(events):
-                futures.append(await publish_async(
-                    subjects[i], e.to_json().encode(), stream=stream,
-                    headers=dict(headers) if headers else None))
-                if len(futures) >= size:
-                    await asyncio.wait_for(asyncio.gather(*futures), self.request_timeout)
-                    futures = []
-            await asyncio.wait_for(asyncio.gather(*futures), self.request_timeout)
-
-        try:
-            self._run(with_puts(),
-                      self.request_timeout * (3 + (len(events) + len(stored)) // size))
-        except BaseException:
-            if deferred is not None:  # stays deferred: the flusher tries again
-                deferred.release(claimed, written=False)
-            raise
-        if deferred is not None:
-            deferred.release(claimed, written=True)
+        self._run(send(), timeout * (3 + len(events) // size))
         with self._lock:
             self._published += len(events)
 
@@ -858,7 +859,6 @@ class NatsProvider(ProviderBase):
     # -- lifecycle -----------------------------------------------------------------------------
 
     def stats(self) -> ProviderStats:
-        self._settle(None)
 
         async def gather() -> tuple[list[Event], Any, Any, list[Any]]:
             events = await self._scan()
@@ -898,14 +898,11 @@ class NatsProvider(ProviderBase):
                 "bucket": self.bucket,
                 "bucket_messages": kinfo.state.messages,
                 "groups": groups,
-                "deferred_store_failures": (self._deferred.failures
-                                            if self._deferred is not None else 0),
             },
         )
 
     def drop(self) -> None:
         """Delete the stream (with its consumers) and the store bucket. For tests."""
-        self._settle(None)
 
         async def delete() -> None:
             for name in (self.stream_name, f"KV_{self.bucket}"):
@@ -915,13 +912,7 @@ class NatsProvider(ProviderBase):
         self._run(delete())
 
     def close(self) -> None:
-        """Write deferred stores, end every open stream, close the connection and stop the
-        loop thread."""
-        with self._lock:
-            if self._closed:
-                return
-        if self._deferred is not None:
-            self._deferred.close()
+        """End every open stream, close both connections and stop both loop threads."""
         with self._lock:
             if self._closed:
                 return
@@ -933,14 +924,21 @@ class NatsProvider(ProviderBase):
             self._closed = True
         for s in streams:
             s.close()
+        with self._status_lock:  # a status write starting now sees _closed
+            status_loop, self._status_loop = self._status_loop, None
+            status_nc, self._status_nc = self._status_nc, None
 
-        async def disconnect() -> None:
+        async def disconnect(nc: Any) -> None:
             with contextlib.suppress(Exception):
-                await self._nc.flush(timeout=1)
-            await self._nc.close()
+                await nc.flush(timeout=1)
+            await nc.close()
 
-        try:
-            self._loop.run(disconnect(), self.request_timeout)
-        except Exception as exc:
-            log.debug("nats at %s: close: %s", self._address, exc)
-        self._loop.close()
+        for loop, nc in ((status_loop, status_nc), (self._loop, self._nc)):
+            if loop is None:
+                continue
+            if nc is not None:
+                try:
+                    loop.run(disconnect(nc), self.request_timeout)
+                except Exception as exc:
+                    log.debug("nats at %s: close: %s", self._address, exc)
+            loop.close()

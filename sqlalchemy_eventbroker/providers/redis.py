@@ -16,17 +16,12 @@ Keys (``S`` = ``stream_name``)
 
 Writes
     One Lua script (``_WRITE``) stores events (hash, index, counts, eviction past
-    ``max_events``) and appends them to the stream, stores first. The broker calls ``store``
-    and then ``publish`` for each event; ``store`` is therefore *deferred* for up to
-    ``store_delay`` seconds (default 20 ms) and rides on the ``publish`` of the same event:
-    one round trip per publish instead of two, the JSON sent once. Read-your-writes holds
-    within the provider object: ``get``, ``update_status``, ``delete``, ``list``, ``stats``
-    first write the deferred stores they depend on. A store whose publish never comes is
-    written by a flusher thread after ``store_delay`` (retried with backoff while Redis is
-    away; failures counted in ``provider_specific["deferred_store_failures"]``) or at
-    ``close()``; past 10,000 deferred stores ``store`` writes them itself. Other processes
-    see a lone ``store`` up to ``store_delay`` later; ``store_delay=0`` writes at once.
-    ``update_status_many`` applies a batch of status changes in one script call.
+    ``max_events``) and appends them to the stream, stores first, so a reader never sees an
+    entry whose event is not stored yet. ``store``/``store_many`` write at once (one script
+    call); ``store_and_publish_many``, which the broker uses for every publish, stores and
+    ``XADD``s in the same script call: one round trip per publish, the JSON sent once (one
+    script call per ``batch_size`` events, pipelined). ``update_status_many`` applies a
+    batch of status changes in one script call.
 
 Fan-out (``stream``)
     One reader thread per provider blocks on ``XREAD`` (``block`` seconds, up to
@@ -87,7 +82,6 @@ from .._json import loads
 from ..errors import ProviderError
 from ..event import Event, EventStatus
 from ..pattern import compile_pattern, validate_pattern
-from ._deferred import DeferredStores, Entry
 from .base import (
     EventFilter,
     ProviderBase,
@@ -574,9 +568,6 @@ class RedisProvider(ProviderBase):
         block: longest single blocking read, in seconds (bounds how late ``close`` is noticed).
         batch_size: entries per group read (``COUNT``) and per script call of a batch write;
             fan-out reads take up to ``max(batch_size, 1000)`` entries at a time.
-        store_delay: seconds a ``store`` may wait for the ``publish`` of the same event, so
-            that both go to Redis in one script call (see "Writes" in the module docstring);
-            0 writes every ``store`` at once.
         connect_timeout: seconds to wait for a TCP connection.
         reconnect_max_delay: cap of the backoff between reconnection attempts.
 
@@ -601,13 +592,11 @@ class RedisProvider(ProviderBase):
         batch_size: int = 100,
         connect_timeout: float = 5.0,
         reconnect_max_delay: float = 2.0,
-        store_delay: float = 0.02,
     ) -> None:
         if not stream_name:
             raise ValueError("RedisProvider: stream_name must not be empty")
-        if maxlen < 0 or max_events < 0 or batch_size < 1 or block <= 0 or store_delay < 0:
-            raise ValueError("RedisProvider: maxlen/max_events/store_delay >= 0, "
-                             "batch_size >= 1, block > 0")
+        if maxlen < 0 or max_events < 0 or batch_size < 1 or block <= 0:
+            raise ValueError("RedisProvider: maxlen/max_events >= 0, batch_size >= 1, block > 0")
         self.url = url
         self.stream_name = stream_name
         self.consumer_group = consumer_group
@@ -617,7 +606,6 @@ class RedisProvider(ProviderBase):
         self.batch_size = batch_size
         self.connect_timeout = connect_timeout
         self.reconnect_max_delay = reconnect_max_delay
-        self.store_delay = store_delay
         self.read_count = max(batch_size, 1000)
         self._address = _safe_url(url)
         self._index_key = f"{stream_name}:index"
@@ -640,9 +628,6 @@ class RedisProvider(ProviderBase):
                 self._client.close()
                 raise
         self._write_script = self._client.register_script(_WRITE)
-        self._deferred = (DeferredStores(self._write_stored, delay=store_delay,
-                                         name=f"eventbroker-redis-store-{stream_name}")
-                          if store_delay > 0 else None)
         self._update_script = self._client.register_script(_UPDATE)
         self._delete_script = self._client.register_script(_DELETE)
         self._renew_script = self._client.register_script(_RENEW)
@@ -693,48 +678,52 @@ class RedisProvider(ProviderBase):
             args += item
         return keys, args
 
-    def _write_stored(self, items: Sequence[tuple[Any, ...]]) -> None:
-        """Store prepared items now: one script call per ``batch_size``, one round trip."""
+    def _run_writes(self, calls: Sequence[tuple[list[str], list[Any]]]) -> None:
+        """Run prepared ``_WRITE`` calls in one round trip (pipelined when several)."""
         with _translate_errors(self._address):
-            if len(items) <= self.batch_size:
-                keys, args = self._write_args(items)
-                self._write_script(keys=keys, args=args)
+            if len(calls) == 1:
+                self._write_script(keys=calls[0][0], args=calls[0][1])
                 return
             pipe = self._client.pipeline(transaction=False)
-            for i in range(0, len(items), self.batch_size):
-                keys, args = self._write_args(items[i:i + self.batch_size])
+            for keys, args in calls:
                 self._write_script(keys=keys, args=args, client=pipe)
             pipe.execute()
 
-    def _settle(self, event_ids: Sequence[str] | None) -> None:
-        """Write the deferred stores of ``event_ids`` (all when ``None``) before reading or
-        changing them: read-your-writes within this provider."""
-        if self._deferred is not None:
-            self._deferred.settle(event_ids)
-
     def store(self, event: Event) -> None:
-        """Store ``event``; with ``store_delay`` the write may ride on its ``publish``."""
+        """Store ``event`` now (one script call)."""
         self._check_open()
-        if self._deferred is not None:
-            self._deferred.add(event.id, self._store_item(event))
-        else:
-            self._write_stored([self._store_item(event)])
+        self._run_writes([self._write_args((self._store_item(event),))])
 
     def store_many(self, events: Sequence[Event]) -> None:
-        """Store ``events`` in one round trip (deferred like ``store`` when ``store_delay``)."""
+        """Store ``events`` in one round trip: one script call per ``batch_size``, pipelined."""
         self._check_open()
         if not events:
             return
-        if self._deferred is not None:
-            for e in events:
-                self._deferred.add(e.id, self._store_item(e))
-        else:
-            self._write_stored([self._store_item(e) for e in events])
+        size = self.batch_size
+        self._run_writes([self._write_args([self._store_item(e) for e in events[i:i + size]])
+                          for i in range(0, len(events), size)])
+
+    def store_and_publish_many(self, events: Sequence[Event], *,
+                               origin: str | None = None) -> None:
+        """``store_many(events)`` then ``publish_many(events, origin=origin)`` in one round
+        trip: each script call stores its events and then ``XADD``s them, the JSON sent once
+        (one call per ``batch_size`` events, pipelined when several)."""
+        self._check_open()
+        if not events:
+            return
+        size = self.batch_size
+        calls = []
+        for i in range(0, len(events), size):
+            chunk = events[i:i + size]
+            calls.append(self._write_args([self._store_item(e) for e in chunk],
+                                          [(e.type, k, "") for k, e in enumerate(chunk, 1)],
+                                          origin))
+        self._run_writes(calls)
+        with self._lock:
+            self._published += len(events)
 
     def get(self, event_id: str) -> Event | None:
         self._check_open()
-        if self._deferred is not None and event_id in self._deferred:
-            self._settle([event_id])
         with _translate_errors(self._address):
             h = self._client.hgetall(self._event_prefix + event_id)
         return _event_from_hash(h) if h else None
@@ -746,7 +735,6 @@ class RedisProvider(ProviderBase):
         in Python on the events of that range, fetched ``batch_size`` hashes per round trip.
         """
         self._check_open()
-        self._settle(None)
         lo = str(_micros(filter.start_time)) if filter.start_time is not None else "-inf"
         hi = f"({_micros(filter.end_time)}" if filter.end_time is not None else "+inf"
         out: list[Event] = []
@@ -789,8 +777,6 @@ class RedisProvider(ProviderBase):
         self._check_open()
         if not updates:
             return
-        if self._deferred is not None and len(self._deferred):
-            self._settle([u.event_id for u in updates])
         now = dt.datetime.now(dt.UTC).isoformat()
         prefix = self._event_prefix
         calls = []
@@ -813,8 +799,6 @@ class RedisProvider(ProviderBase):
 
     def delete(self, event_id: str) -> None:
         self._check_open()
-        if self._deferred is not None and event_id in self._deferred:
-            self._settle([event_id])
         with _translate_errors(self._address):
             self._delete_script(keys=[self._event_prefix + event_id, self._index_key,
                                       self._counts_key], args=[event_id])
@@ -827,48 +811,16 @@ class RedisProvider(ProviderBase):
     def publish_many(self, events: Sequence[Event], *, origin: str | None = None) -> None:
         """``XADD`` every event in one round trip (one script call per ``batch_size``).
 
-        Deferred stores of these events go in the same script calls, ahead of their
-        ``XADD``s (the JSON is sent once when it did not change since ``store``).
-        ``origin`` tags the entries so that a stream opened with the same
-        ``exclude_origin`` skips them (a broker ignoring its own events).
+        ``origin`` tags the entries so that a stream opened with the same ``exclude_origin``
+        skips them (a broker ignoring its own events).
         """
         self._check_open()
         if not events:
             return
-        deferred = self._deferred
-        claimed: list[Entry] = (deferred.acquire([e.id for e in events])
-                                if deferred is not None and len(deferred) else [])
-        pending = {c.key: c.item for c in claimed}
-        calls = []
         size = self.batch_size
-        for i in range(0, len(events), size):
-            stored: list[tuple[Any, ...]] = []
-            published: list[tuple[str, int, str]] = []
-            for e in events[i:i + size]:
-                json = e.to_json()
-                item = pending.pop(e.id, None) if pending else None
-                if item is not None:
-                    stored.append(item)
-                    if item[2] == json:
-                        published.append((e.type, len(stored), ""))
-                        continue
-                published.append((e.type, 0, json))
-            calls.append(self._write_args(stored, published, origin))
-        try:
-            with _translate_errors(self._address):
-                if len(calls) == 1:
-                    self._write_script(keys=calls[0][0], args=calls[0][1])
-                else:
-                    pipe = self._client.pipeline(transaction=False)
-                    for keys, args in calls:
-                        self._write_script(keys=keys, args=args, client=pipe)
-                    pipe.execute()
-        except BaseException:
-            if deferred is not None:  # stays deferred: the flusher tries again
-                deferred.release(claimed, written=False)
-            raise
-        if deferred is not None:
-            deferred.release(claimed, written=True)
+        self._run_writes([self._write_args((), [(e.type, 0, e.to_json())
+                                                for e in events[i:i + size]], origin)
+                          for i in range(0, len(events), size)])
         with self._lock:
             self._published += len(events)
 
@@ -984,7 +936,6 @@ class RedisProvider(ProviderBase):
 
     def stats(self) -> ProviderStats:
         self._check_open()
-        self._settle(None)
         with _translate_errors(self._address):
             pipe = self._client.pipeline(transaction=False)
             pipe.zcard(self._index_key)
@@ -996,8 +947,6 @@ class RedisProvider(ProviderBase):
             raise provider_error("redis", self._address, total)
         counts = counts if isinstance(counts, dict) else {}
         specific: dict[str, Any] = {"stream": self.stream_name, "stream_length": 0}
-        if self._deferred is not None:
-            specific["deferred_store_failures"] = self._deferred.failures
         if isinstance(info, dict):
             specific.update(stream_length=info.get("length", 0),
                             last_generated_id=info.get("last-generated-id"),
@@ -1028,7 +977,6 @@ class RedisProvider(ProviderBase):
     def drop(self) -> None:
         """Delete every key this provider uses (stream, groups, stored events). For tests."""
         self._check_open()
-        self._settle(None)
         with _translate_errors(self._address):
             while True:
                 ids = self._client.zrange(self._index_key, 0, 999)
@@ -1041,13 +989,7 @@ class RedisProvider(ProviderBase):
             self._client.delete(self.stream_name, self._index_key, self._counts_key)
 
     def close(self) -> None:
-        """Write deferred stores, end every open stream, stop the reader thread and close
-        all connections."""
-        with self._lock:
-            if self._closed:
-                return
-        if self._deferred is not None:
-            self._deferred.close()
+        """End every open stream, stop the reader thread and close all connections."""
         with self._lock:
             if self._closed:
                 return

@@ -50,6 +50,7 @@ from sqlalchemy_eventbroker.providers.base import (
     ProviderStats,
     StatusBatchProvider,
     StatusUpdate,
+    StoreAndPublishProvider,
 )
 from sqlalchemy_eventbroker.testing import EventRecorder
 
@@ -446,6 +447,80 @@ class ProviderConformance:
         provider.store(e)
         _wait(lambda: peer.get(e.id) is not None, self.delivery_timeout, "the lone store")
         assert peer.get(e.id) == e
+
+    def test_store__visible_to_another_instance_when_it_returns(self, provider: Provider,
+                                                                 peer: Provider) -> None:
+        """A lone ``store`` is on the backend when it returns: another instance's ``get``
+        right after finds it (no write held back waiting for a publish)."""
+        e = _event(payload={"lone": "now"})
+        provider.store(e)
+        assert peer.get(e.id) == e
+        batch = [_event(payload={"i": i}) for i in range(3)]
+        if isinstance(provider, BatchProvider):
+            provider.store_many(batch)
+        else:
+            for x in batch:
+                provider.store(x)
+        assert [peer.get(x.id) for x in batch] == batch
+
+    def test_store_and_publish_many__stores_and_delivers(self, provider: Provider,
+                                                         peer: Provider) -> None:
+        """Optional ``StoreAndPublishProvider``: the same as ``store_many`` then
+        ``publish_many``: ``get`` right after returns each event (a copy), another instance
+        receives each once, finds it stored when it does, in publish order."""
+        if not isinstance(provider, StoreAndPublishProvider):
+            pytest.xfail(f"{type(provider).__name__} has no store_and_publish_many; the broker "
+                         "calls store and publish")
+        stream = peer.stream("public.snp.*")
+        try:
+            one = _event("public.snp.create", {"i": -1})
+            provider.store_and_publish_many([one])
+            assert provider.get(one.id) == one
+            events = [_event("public.snp.update", {"i": i}) for i in range(250)]
+            provider.store_and_publish_many(events)
+            provider.store_and_publish_many([])
+            for e in (events[0], events[99], events[100], events[-1]):
+                assert provider.get(e.id) == e
+            events[0].payload = {"changed": True}
+            assert provider.get(events[0].id).payload == {"i": 0}  # type: ignore[union-attr]
+            got = _drain(stream, 251, self.delivery_timeout)
+            got += _quiet(stream, self.quiet_period)
+            for x in got[::25] + got[-1:]:
+                stored = peer.get(x.id)
+                assert stored is not None and stored.payload == x.payload
+            want = [one.id] + [e.id for e in events]
+            if self.ordered_per_publisher:
+                assert [x.id for x in got] == want
+            else:
+                assert Counter(x.id for x in got) == Counter(want)
+            assert provider.stats().total_events == 251
+        finally:
+            stream.close()
+
+    def test_store_and_publish_many__origin_skipped_by_its_streams(self, provider: Provider,
+                                                                   peer: Provider) -> None:
+        """Optional ``StoreAndPublishProvider`` with ``supports_origin``: events tagged with
+        an origin are skipped by streams excluding that origin, seen by all others, and
+        stored either way."""
+        if not isinstance(provider, StoreAndPublishProvider) or \
+                not getattr(provider, "supports_origin", False):
+            pytest.xfail(f"{type(provider).__name__} has no origin-tagged "
+                         "store_and_publish_many")
+        own = peer.stream("*", exclude_origin="broker-a")  # type: ignore[call-arg]
+        other = peer.stream("*", exclude_origin="broker-b")  # type: ignore[call-arg]
+        try:
+            tagged = [_event("public.origin.create", {"i": i}) for i in range(3)]
+            untagged = _event("public.origin.update")
+            provider.store_and_publish_many(tagged, origin="broker-a")
+            provider.store_and_publish_many([untagged])
+            got_other = _drain(other, 4, self.delivery_timeout)
+            got_own = _drain(own, 1, self.delivery_timeout) + _quiet(own, self.quiet_period)
+            assert sorted(x.id for x in got_other) == sorted(e.id for e in [*tagged, untagged])
+            assert [x.id for x in got_own] == [untagged.id]
+            assert all(peer.get(e.id) == e for e in tagged)
+        finally:
+            own.close()
+            other.close()
 
     def test_publish__stored_before_delivered(self, provider: Provider, peer: Provider) -> None:
         """Store then publish: when another instance receives the event, ``get`` there

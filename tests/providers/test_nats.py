@@ -81,3 +81,30 @@ def test_two_stream_names__never_overlap(nats_url: str, unique_name: str) -> Non
         finally:
             a.drop()
             b.drop()
+
+
+def test_close__leaves_no_threads_or_connections(nats_url: str, unique_name: str) -> None:
+    """After status writes (which open the second connection) and a stream, ``close()``
+    stops both loop threads and closes both connections."""
+    import threading
+
+    from sqlalchemy_eventbroker import EventStatus, new_event
+
+    name = f"T{unique_name}"
+    p = NatsProvider(nats_url, stream_name=name, storage="memory")
+    try:
+        s = p.stream("*")
+        e = new_event("system", "x.y.z")
+        p.store_and_publish_many([e])
+        assert s.receive(timeout=5) is not None
+        p.update_status(e.id, EventStatus.COMPLETED)
+        assert p.get(e.id).status is EventStatus.COMPLETED  # type: ignore[union-attr]
+        conns = [p._nc, p._status_nc]
+        assert all(c is not None and c.is_connected for c in conns)
+        p.drop()
+    finally:
+        p.close()
+    assert all(c.is_closed for c in conns)
+    assert [t.name for t in threading.enumerate() if name in t.name] == []
+    with pytest.raises(ProviderError, match="closed"):
+        p.update_status(e.id, EventStatus.FAILED)

@@ -72,3 +72,25 @@ def test_maxlen__trims_the_stream_approximately(redis_url: str, unique_name: str
             assert 100 <= length < 300  # type: ignore[operator]
         finally:
             p.drop()
+
+
+def test_close__leaves_no_threads(redis_url: str, unique_name: str) -> None:
+    """``store`` needs no background thread; ``close()`` stops the fan-out reader."""
+    import threading
+
+    from sqlalchemy_eventbroker import new_event
+
+    name = f"test:{unique_name}"
+    before = set(threading.enumerate())
+    p = RedisProvider(redis_url, stream_name=name, block=0.5)
+    try:
+        e = new_event("database", "public.t.create")
+        p.store(e)
+        assert set(threading.enumerate()) - before == set()  # nothing deferred, no flusher
+        s = p.stream("*")
+        p.store_and_publish_many([new_event("database", "public.t.update")])
+        assert s.receive(timeout=5) is not None
+        p.drop()
+    finally:
+        p.close()
+    assert [t.name for t in threading.enumerate() if name in t.name] == []
