@@ -599,14 +599,15 @@ class _Capture:
 
     def _make(self, target: _Target, dialect: Dialect, operation: str, payload: dict[str, JSON],
               who: tuple[int | None, str, Mapping[str, JSON]], instance_id: str,
-              extra: dict[str, JSON] | None = None) -> Event:
+              extra: dict[str, JSON] | None = None,
+              created_at: dt.datetime | None = None) -> Event:
         schema, etype = target.type_for(dialect, operation)
         meta = dict(who[2]) if who[2] else {}
         if extra:
             meta.update(extra)
         return Event(uuid7(), _DATABASE, etype, _PENDING, 0, "", payload, who[0], who[1],
-                     instance_id, schema, target.entity, operation, dt.datetime.now(UTC),
-                     None, None, meta)
+                     instance_id, schema, target.entity, operation,
+                     created_at or dt.datetime.now(UTC), None, None, meta)
 
     # -- unit of work ----------------------------------------------------------------------
 
@@ -654,6 +655,7 @@ class _Capture:
         instance_id = broker.instance_id if broker is not None else ""
         dialects: dict[Mapper[Any], Dialect] = {}
         events: list[Event] = []
+        now = dt.datetime.now(UTC)  # one flush, one moment: the events of a flush share it
         for _, _, _, op, state, t in items:
             mapper = state.mapper
             dialect = dialects.get(mapper)
@@ -707,7 +709,7 @@ class _Capture:
                     for col, value in zip(t.mapper.primary_key, state.key[1], strict=False):
                         if col.key is not None and col.key not in payload:
                             payload[col.key] = _jsonable(value)
-            events.append(self._make(t, dialect, op, payload, who, instance_id, extra))
+            events.append(self._make(t, dialect, op, payload, who, instance_id, extra, now))
         return events
 
     def _stash(self, session: Session, events: list[Event]) -> None:

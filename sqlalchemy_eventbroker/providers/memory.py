@@ -91,8 +91,16 @@ class MemoryProvider(ProviderBase):
                 self._evicted += 1
 
     def store_many(self, events: Sequence[Event]) -> None:
-        for event in events:
-            self.store(event)
+        copies = [event.clone() for event in events]
+        with self._lock:
+            self._check_open()
+            stored = self._events
+            for copy in copies:
+                old = stored.pop(copy.id, None)
+                stored[copy.id] = (old[0] if old is not None else next(self._seq), copy)
+            while len(stored) > self.max_events:
+                stored.popitem(last=False)
+                self._evicted += 1
 
     def get(self, event_id: str) -> Event | None:
         with self._lock:
