@@ -24,7 +24,8 @@ mapper listeners; ``handle.remove()`` detaches exactly those. The path of a writ
    defining ``write_in_transaction`` declares ``write_in_transaction_is_isolated = True``, as
    ``DatabaseProvider`` does: it pipelines savepoint, insert and release in one round trip),
    so a failing write rolls back only itself: the user's transaction goes on, and those
-   events fall back to being stored by the broker after commit (logged and counted). ``broker.note_own(ids)`` runs first so the broker's receiver skips the echo.
+   events fall back to being stored by the broker after commit (logged and counted).
+   ``broker.note_own(ids)`` runs first so the broker's receiver skips the echo.
 4. ``after_commit`` of the root transaction hands everything, in flush order, to
    ``broker.publish_captured(events, stored=...)``; a rollback publishes nothing.
 
@@ -128,8 +129,9 @@ def _isolates_itself(provider: object) -> bool:
     trip, where capture's ``begin_nested()`` costs two more).
 
     The class that defines ``write_in_transaction`` must itself declare
-    ``write_in_transaction_is_isolated`` (an attribute or property, True): a subclass that overrides the method
-    without declaring it again is protected by capture's savepoint, as any other provider.
+    ``write_in_transaction_is_isolated`` (an attribute or property, True): a subclass that
+    overrides the method without declaring it again is protected by capture's savepoint, as
+    any other provider.
     """
     cls = type(provider)
     declared = _ISOLATION.get(cls)

@@ -1274,7 +1274,7 @@ class DatabaseProvider(ProviderBase):
         else:
             self._sql_fill_pg = None
             gid = sa.bindparam("p_gid", type_=sa.Integer())
-            now_p = sa.bindparam("p_now", type_=sa.Double())
+            now_p: sa.BindParameter[float] = sa.bindparam("p_now", type_=sa.Double())
             free = (
                 sa.select(c.c.seq)
                 .where(c.c.group_id == gid, c.c.lease_until <= now_p)
