@@ -82,6 +82,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import api
 
+from .._json import dumps, loads
 from .._types import JSON
 from ..errors import ProviderError
 from ..event import Event, EventStatus
@@ -617,9 +618,9 @@ class NatsProvider(ProviderBase):
             return
         self._write_stored(self._store_items(events))
 
-    async def _get(self, event_id: str, kv: Any = None) -> tuple[Event, int] | None:
+    async def _get(self, event_id: str) -> tuple[Event, int] | None:
         try:
-            entry = await (kv or self._kv).get(event_id)
+            entry = await self._kv.get(event_id)
         except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
             return None
         except nats.js.errors.InvalidKeyError:
@@ -675,24 +676,33 @@ class NatsProvider(ProviderBase):
 
     async def _update(self, kv: Any, event_id: str, status: EventStatus, error: str,
                       retry_count: int | None) -> None:
+        """Read the stored JSON, patch the status fields, compare-and-set on its revision.
+
+        The JSON is patched as a dict (no ``Event`` built and re-encoded): a consumer writes
+        a status for every event it handles, so this is on a hot path.
+        """
         for _ in range(50):
-            found = await self._get(event_id, kv)
-            if found is None:
-                return
-            event, revision = found
-            now = dt.datetime.now(_UTC)
-            event.status = status
-            event.error = error
-            if retry_count is not None:
-                event.retry_count = retry_count
-            if status is EventStatus.PROCESSING:
-                event.processed_at = now
-            elif status in (EventStatus.COMPLETED, EventStatus.FAILED):
-                event.completed_at = now
-                if event.processed_at is None:
-                    event.processed_at = now
             try:
-                await kv.update(event_id, event.to_json().encode(), last=revision)
+                entry = await kv.get(event_id)
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError,
+                    nats.js.errors.InvalidKeyError):
+                return
+            if entry.value is None:
+                return
+            d = loads(entry.value)
+            now = dt.datetime.now(_UTC).isoformat()
+            d["status"] = str(status)
+            d["error"] = error
+            if retry_count is not None:
+                d["retry_count"] = int(retry_count)
+            if status is EventStatus.PROCESSING:
+                d["processed_at"] = now
+            elif status in (EventStatus.COMPLETED, EventStatus.FAILED):
+                d["completed_at"] = now
+                if not d.get("processed_at"):
+                    d["processed_at"] = now
+            try:
+                await kv.update(event_id, dumps(d).encode(), last=int(entry.revision or 0))
                 return
             except nats.js.errors.KeyWrongLastSequenceError:
                 continue  # someone else changed it meanwhile: read again
