@@ -16,16 +16,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from ._threads import QuietThread
 from .errors import BrokerStopped, QueueFull
 
 __all__ = ["AsyncRunner", "StatusWriter", "WorkerPool"]
 
 #: Most records a worker holds before handing them to ``complete``.
 BATCH = 64
-#: How long an idle worker keeps looking for work before it sleeps until woken, seconds.
-LINGER = 0.05
-#: How often a lingering worker looks, seconds: the longest a new item waits for one.
-LINGER_TICK = 0.0005
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -42,12 +39,14 @@ class WorkerPool:
 
     The queue is a ``deque`` that workers pop without a lock. Handing each event to a thread
     through a locked queue costs more than running its handler (BASELINES.md: 8.5 µs per
-    event for queue.Queue + 4 threads), almost all of it in waking the thread; so a worker
-    that runs out of work *lingers* for ``LINGER`` seconds, checking the deque every
-    ``LINGER_TICK`` seconds, before it goes to sleep, and a publisher wakes a sleeping worker
-    only when the awake ones cannot take the new item at once (all busy). Under load the
-    workers then run from the deque without a single wake-up; a new item waits at most
-    ``LINGER_TICK`` for a lingering worker.
+    event for queue.Queue + 4 threads), almost all of it in waking the thread; so a publisher
+    wakes a sleeping worker only when the awake ones cannot take the new item at once (all
+    busy), and under load the workers run from the deque without a wake-up per item.
+
+    Idle workers sleep until woken; they do not poll. (Polling workers were measured: they
+    barely helped throughput, and their constant demand for the GIL widened a CPython race in
+    which a signal reaching the main thread just before it blocks in ``lock.acquire`` is only
+    handled when that wait ends, so Ctrl-C or SIGTERM could go unanswered for a minute.)
     ``run(item)`` returns a record (not None) when the item finished its accepted unit of
     work; each worker hands its records to ``complete(records)`` in batches (when it runs
     out of work, or every ``BATCH`` records) and only then counts them as finished.
@@ -65,7 +64,7 @@ class WorkerPool:
         self._space = threading.Condition(self._lock)     # put() waits here while full
         self._claimed = 0     # reserved by try_reserve, not yet queued
         self._outstanding = 0
-        self._sleepers = 0    # workers asleep until woken (not lingering)
+        self._sleepers = 0    # workers asleep until woken
         self._space_waiters = 0
         self._busy = [False] * worker_count
         self._worker_count = worker_count
@@ -75,11 +74,11 @@ class WorkerPool:
         self._stopping = False
         self._admitting = True
         self._threads = [
-            threading.Thread(target=self._work, args=(i,), name=f"{name}-worker-{i}",
+            QuietThread(target=self._work, args=(i,), name=f"{name}-worker-{i}",
                              daemon=True)
             for i in range(worker_count)
         ]
-        self._timer_thread = threading.Thread(
+        self._timer_thread = QuietThread(
             target=self._timer_loop, name=f"{name}-retry-timer", daemon=True
         )
 
@@ -221,7 +220,6 @@ class WorkerPool:
         run = self._run
         busy = self._busy
         done: list[Any] = []
-        idle_since = 0.0
         while True:
             try:
                 item = items.popleft()
@@ -233,21 +231,13 @@ class WorkerPool:
                 with self._lock:
                     if self._stopping:
                         return
-                    now = time.monotonic()
-                    if not idle_since:
-                        idle_since = now
-                    if now - idle_since < LINGER:
-                        self._wake.wait(LINGER_TICK)
-                        continue
                     self._sleepers += 1
                     while not items and not self._stopping:
                         self._wake.wait()
                     self._sleepers -= 1
-                    idle_since = 0.0
                     if self._stopping:
                         return
                 continue
-            idle_since = 0.0
             busy[index] = True
             if items and self._sleepers:
                 # More work than this worker: wake a sleeper if no awake worker is free.
@@ -309,7 +299,7 @@ class AsyncRunner:
                     loop.call_soon(ready.set)
                     loop.run_forever()
 
-                thread = threading.Thread(target=run, name=self._name, daemon=True)
+                thread = QuietThread(target=run, name=self._name, daemon=True)
                 thread.start()
                 ready.wait()
                 self._loop, self._thread = loop, thread
@@ -357,7 +347,7 @@ class StatusWriter:
         self._cond = threading.Condition()
         self._writing = threading.Lock()
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread = QuietThread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
     def add(self, item: Any) -> None:

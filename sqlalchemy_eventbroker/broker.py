@@ -27,6 +27,7 @@ from typing import Any, Self
 from prometheus_client import CollectorRegistry
 
 from . import signals
+from ._threads import QuietThread
 from ._types import Handler, SubscriptionID
 from ._workers import AsyncRunner, StatusWriter, WorkerPool
 from .errors import (
@@ -263,7 +264,7 @@ class Broker:
                 self._pool.start()
                 self.metrics.watch_queue(self._pool)
             self._running = True
-            self._renewer = threading.Thread(
+            self._renewer = QuietThread(
                 target=self._renew_loop, name="eventbroker-lease-renewer", daemon=True
             )
             self._renewer.start()
@@ -735,7 +736,7 @@ class Broker:
             else:
                 stream = self.provider.stream("*")
             self._receiver = stream
-            self._receiver_thread = threading.Thread(
+            self._receiver_thread = QuietThread(
                 target=self._receive_loop, args=(stream,),
                 name=f"eventbroker-{self.instance_id}-receiver", daemon=True,
             )
@@ -769,7 +770,7 @@ class Broker:
                 return
             assert sub.group is not None
             sub.stream = self.provider.group_stream(sub.pattern, sub.group, lease=sub.lease)
-            sub.thread = threading.Thread(
+            sub.thread = QuietThread(
                 target=self._group_loop, args=(sub,),
                 name=f"eventbroker-group-{sub.group}", daemon=True,
             )

@@ -16,6 +16,8 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from .._threads import QuietThread
+
 __all__ = ["LoopClosed", "LoopThread"]
 
 T = TypeVar("T")
@@ -37,7 +39,7 @@ class LoopThread:
         self._started = threading.Event()
         self._closed = False
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread = QuietThread(target=self._main, name=name, daemon=True)
         self._thread.start()
         self._started.wait()
 

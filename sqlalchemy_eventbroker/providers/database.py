@@ -76,6 +76,7 @@ from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from .. import _json
+from .._threads import QuietThread
 from ..errors import EventValidationError, ProviderError
 from ..event import Event, EventStatus
 from ..pattern import compile_pattern, validate_pattern
@@ -1762,7 +1763,7 @@ class _DbGroupStream:
         self.close()
 
 
-class _AckFlusher(threading.Thread):
+class _AckFlusher(QuietThread):
     """Writes the deferred acknowledgements of a provider's group streams, ~5 ms after the
     first one of a batch arrived. A failed write keeps them pending and is retried."""
 
@@ -1811,7 +1812,7 @@ class _AckFlusher(threading.Thread):
                     self._asked = True
 
 
-class _Listener(threading.Thread):
+class _Listener(QuietThread):
     """The provider's reader: one thread, one dedicated LISTEN connection (PostgreSQL).
 
     Reads pages past its cursor and hands them to the provider's streams. Waits for a

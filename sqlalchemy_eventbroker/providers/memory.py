@@ -20,6 +20,7 @@ import time
 from collections.abc import Sequence
 from typing import Self
 
+from .._threads import QuietThread
 from ..errors import ProviderError
 from ..event import Event, EventStatus
 from ..pattern import compile_pattern, validate_pattern
@@ -68,7 +69,7 @@ class MemoryProvider(ProviderBase):
         self._evicted = 0
         self._closed = False
         self._stop = threading.Event()
-        self._sweeper = threading.Thread(
+        self._sweeper = QuietThread(
             target=self._sweep_loop, name="eventbroker-memory-cleanup", daemon=True
         )
         self._sweeper.start()

@@ -79,6 +79,7 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 from .._json import loads
+from .._threads import QuietThread
 from ..errors import ProviderError
 from ..event import Event, EventStatus
 from ..pattern import compile_pattern, validate_pattern
@@ -849,7 +850,7 @@ class RedisProvider(ProviderBase):
             self._streams.append(s)
             if self._reader is None:
                 self._reader_client = self._new_client(retries=0)
-                self._reader = threading.Thread(target=self._read_loop,
+                self._reader = QuietThread(target=self._read_loop,
                                                 name=f"eventbroker-redis-{self.stream_name}",
                                                 daemon=True)
                 self._reader.start()
