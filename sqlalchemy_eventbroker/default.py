@@ -268,7 +268,11 @@ def register_shutdown(
     are installed once per signal.
 
     Signal handlers can only be installed from the main thread (a CPython rule); from another
-    thread pass ``signals=()``.
+    thread pass ``signals=()``. CPython runs them when the main thread next executes Python
+    code: a main thread parked in one long ``Event.wait()``/``Lock.acquire(timeout=...)`` may
+    see a signal that arrived just as the wait began only when the wait ends, so park it in
+    slices (``while True: time.sleep(1)``) or in ``signal.pause()``. The library's own threads
+    block these signals, so the kernel always delivers them to the main thread.
 
     Raises:
         RuntimeError: ``signals`` is not empty and this is not the main thread.

@@ -473,7 +473,11 @@ CHILD = textwrap.dedent(
     os.write(1, b"published queued=%d\\n" % default.stats().queue_size)
     if how == "exit":
         sys.exit(0)  # the exit hook that initialize() registered must flush
-    threading.Event().wait(60)
+    # Wait in slices, as servers do (select with a timeout): CPython runs a Python signal
+    # handler only when the main thread runs bytecode, and a signal that lands just before a
+    # long lock wait starts would otherwise wait for the whole wait (not this library's doing).
+    for _ in range(600):
+        time.sleep(0.1)
     os.write(1, b"no signal came\\n")
     """
 )
