@@ -109,11 +109,16 @@ def test_subscribe__racing_publish_never_raises_nor_loses_subscribers(
     churn_missed: list[str] = []
     churned = [0]
 
+    # The churn starts once every publisher is under way, so the two really overlap.
+    underway = threading.Barrier(5)
+
     def publisher(i: int) -> None:
         while not stop.is_set() and len(published[i]) < 10_000:  # stays under buffer_size
             event = new_event(EventSource.INTERNAL, f"race.p{i}")
             broker.publish(event)
             published[i].append(event.id)
+            if len(published[i]) == 1:
+                underway.wait(30)
 
     def churner(i: int) -> None:
         # Each round: subscribe, publish a probe that the new subscription must see, then
@@ -134,6 +139,7 @@ def test_subscribe__racing_publish_never_raises_nor_loses_subscribers(
     errors: list[BaseException] = []
 
     def stop_when_churners_done() -> None:
+        underway.wait(30)
         churn = [threading.Thread(target=lambda i=i: _guard(churner, i, errors)) for i in (4, 5)]
         for t in churn:
             t.start()
