@@ -493,8 +493,24 @@ def register_crud_hooks(
     return CaptureHandle(capture, listeners, restore)
 
 
+class _NoAsyncio:
+    """Stands in for SQLAlchemy's asyncio classes when they cannot be imported."""
+
+    sync_session_class: type[Session] = Session
+
+
+def _asyncio_classes() -> tuple[type[Any], type[Any], type[Any]]:
+    # SQLAlchemy's asyncio extension needs greenlet, which a plain install of SQLAlchemy 2.1
+    # (and of this package) does not bring: without it no async factory can exist either.
+    try:
+        from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session, async_sessionmaker
+    except ImportError:
+        return _NoAsyncio, _NoAsyncio, _NoAsyncio
+    return AsyncSession, async_scoped_session, async_sessionmaker
+
+
 def _session_class_of(factory: Any) -> tuple[type[Session], Callable[[], None] | None]:
-    from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session, async_sessionmaker
+    AsyncSession, async_scoped_session, async_sessionmaker = _asyncio_classes()  # noqa: N806
 
     if isinstance(factory, scoped_session | async_scoped_session):
         factory = factory.session_factory
@@ -521,12 +537,13 @@ def _session_class_of(factory: Any) -> tuple[type[Session], Callable[[], None] |
         if issubclass(factory, Session):
             return factory, None
         if issubclass(factory, AsyncSession):
-            if factory.sync_session_class is Session:
+            own_sync: type[Session] = factory.sync_session_class  # type: ignore[attr-defined]
+            if own_sync is Session:
                 raise TypeError(
                     f"register_crud_hooks: {factory.__name__}.sync_session_class is Session "
                     "itself; give it a Session subclass of its own, or pass an async_sessionmaker"
                 )
-            return factory.sync_session_class, None
+            return own_sync, None
     raise TypeError(
         "register_crud_hooks: expected a sessionmaker, scoped_session, async_sessionmaker or "
         f"Session subclass, got {type(factory).__name__}"

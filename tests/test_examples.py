@@ -47,3 +47,13 @@ def test_replicas__each_mail_once_every_replica_sees_every_change() -> None:
     proc = _run("examples/replicas.py")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "each mail sent once, every replica saw every change" in proc.stdout
+
+
+def test_quickstart__runs_without_greenlet() -> None:
+    """The README's first command needs only the core install: SQLAlchemy 2.1 without greenlet
+    (its asyncio extension cannot import) must not stop capture on plain sessions."""
+    code = ("import sys, runpy; sys.modules['greenlet'] = None; sys.argv = ['quickstart.py']; "
+            "runpy.run_path('examples/quickstart.py', run_name='__main__')")
+    proc = _run("-c", code)
+    assert proc.returncode == 0, proc.stderr
+    assert "main.users.create" in proc.stdout
