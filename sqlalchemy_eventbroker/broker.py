@@ -257,12 +257,7 @@ class Broker:
             if self._stopped:
                 raise BrokerStopped("this broker was stopped; create a new one")
             if self.mode is ProcessingMode.ASYNC:
-                self._pool = WorkerPool(
-                    self.worker_count, self.buffer_size, self._run_item, self._record,
-                    name=f"eventbroker-{self.instance_id}",
-                )
-                self._pool.start()
-                self.metrics.watch_queue(self._pool)
+                self._ensure_pool()
             self._running = True
             self._renewer = QuietThread(
                 target=self._renew_loop, name="eventbroker-lease-renewer", daemon=True
@@ -649,17 +644,14 @@ class Broker:
             self._send(signals.event_published, event)
 
     def _store_and_announce(self, events: Sequence[Event]) -> None:
+        if len(events) == 1:
+            self._store_one(events[0])
+            return
         provider = self.provider
         if self._receiver is not None and not self._origin_aware:
             self.note_own([e.id for e in events])
         if self._store_and_publish is not None:
             self._store_and_publish(events, origin=self._origin if self._origin_aware else None)
-        elif len(events) == 1:
-            provider.store(events[0])
-            if self._origin_aware:
-                provider.publish_many(events, origin=self._origin)  # type: ignore[attr-defined]
-            else:
-                provider.publish(events[0])
         else:
             store_many = getattr(provider, "store_many", None)
             if store_many is not None:
@@ -675,7 +667,7 @@ class Broker:
         if self._origin_aware:
             provider.publish_many(events, origin=self._origin)  # type: ignore[attr-defined]
             return
-        if len(events) > 1 and hasattr(provider, "publish_many"):
+        if hasattr(provider, "publish_many"):
             provider.publish_many(events)
         else:
             for e in events:
@@ -959,31 +951,8 @@ class Broker:
         return self._conclude(job) if done else None
 
     def _finish(self, job: _Job) -> None:
-        """Conclude and record one job now (sync paths): :meth:`_record` for a single job."""
-        event = self._conclude(job).event
-        status = event.status
-        update = StatusUpdate(event.id, status, event.error, event.retry_count)
-        if self._inline_status or job.inline_status:
-            self._write_statuses([update])
-        else:
-            self._status_writer().add(update)
-        failed = status is EventStatus.FAILED
-        with self._counter_lock:
-            self._processed += 1
-            if failed:
-                self._failed += 1
-        self.metrics.processed(event.source, event.type, status, job.elapsed)
-        if failed:
-            with self._lock:
-                self._dead[event.id] = event.clone()
-                while len(self._dead) > MAX_DEAD_LETTERS:
-                    self._dead.popitem(last=False)
-            if signals.event_failed.receivers:
-                self._send(signals.event_failed, event)
-        elif signals.event_processed.receivers:
-            self._send(signals.event_processed, event)
-        if job.delivery is not None:
-            self._acknowledge(job)
+        """Conclude and record one job now (sync paths)."""
+        self._record([self._conclude(job)])
 
     def _conclude(self, job: _Job) -> _Job:
         """Give the event its final status; returns the job for :meth:`_record`."""
