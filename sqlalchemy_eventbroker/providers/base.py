@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
 
 __all__ = [
+    "Closeable",
     "Delivery",
     "EventFilter",
     "EventStream",
@@ -277,14 +278,18 @@ class TransactionalProvider(Protocol):
     def write_in_transaction(self, connection: Connection, events: Sequence[Event]) -> None: ...
 
 
-class ProviderBase:
-    """Optional convenience base: ``with provider:`` closes it; a readable ``repr``."""
+class Closeable:
+    """``with x:`` closes ``x`` on the way out: providers, streams and group streams."""
 
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()  # type: ignore[attr-defined]
+
+
+class ProviderBase(Closeable):
+    """Optional convenience base: ``with provider:`` closes it; a readable ``repr``."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._repr_target()})"
@@ -296,7 +301,7 @@ class ProviderBase:
 _CLOSED: Any = object()
 
 
-class QueueEventStream:
+class QueueEventStream(Closeable):
     """An :class:`EventStream` fed by a provider's background reader through a queue.
 
     The provider calls ``_put(event)`` for every matching event; ``close()`` (from any thread)
@@ -355,12 +360,6 @@ class QueueEventStream:
         self._queue.put(_CLOSED)
         if self._on_close is not None:
             self._on_close(self)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def provider_error(backend: str, address: str, exc: BaseException) -> ProviderError:

@@ -68,7 +68,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
@@ -89,7 +89,7 @@ from ._db_schema import (
     upgrade,
     version_table_name,
 )
-from .base import EventFilter, ProviderBase, ProviderStats, QueueEventStream, StatusUpdate
+from .base import Closeable, EventFilter, ProviderBase, ProviderStats, QueueEventStream, StatusUpdate
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
@@ -1566,7 +1566,7 @@ _ACK_DELAY = 0.005
 _PREFETCH_HORIZON = 0.05
 
 
-class _DbGroupStream:
+class _DbGroupStream(Closeable):
     """One member of a consumer group (see :meth:`DatabaseProvider.group_stream`).
 
     Claims events in batches and hands them out one by one. The batch doubles (up to
@@ -1755,12 +1755,6 @@ class _DbGroupStream:
             except Exception as exc:  # noqa: BLE001 - they come back when the leases end
                 logger.debug("group %r: could not free %d claims: %s", self.group,
                              len(unused), exc)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class _AckFlusher(QuietThread):

@@ -18,13 +18,12 @@ import itertools
 import threading
 import time
 from collections.abc import Sequence
-from typing import Self
 
 from .._threads import QuietThread
 from ..errors import ProviderError
 from ..event import Event, EventStatus
 from ..pattern import compile_pattern, validate_pattern
-from .base import EventFilter, ProviderBase, ProviderStats, QueueEventStream, StatusUpdate
+from .base import Closeable, EventFilter, ProviderBase, ProviderStats, QueueEventStream, StatusUpdate
 
 __all__ = ["MemoryProvider"]
 
@@ -360,7 +359,7 @@ class _Delivery:
                 self._group.leased[self.event.id] = (time.monotonic() + self._lease, event, token)
 
 
-class _GroupStream:
+class _GroupStream(Closeable):
     def __init__(self, provider: MemoryProvider, group: _Group, lease: float) -> None:
         if lease <= 0:
             raise ValueError(f"lease: expected seconds > 0, got {lease!r}")
@@ -398,9 +397,3 @@ class _GroupStream:
             self._closed = True
             self._group.members -= 1
             self._group.cond.notify_all()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

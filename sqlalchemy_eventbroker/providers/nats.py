@@ -73,7 +73,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any, Self
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import nats
@@ -88,7 +88,7 @@ from ..errors import ProviderError
 from ..event import Event, EventStatus
 from ..pattern import compile_pattern, validate_pattern
 from ._loop import LoopClosed, LoopThread
-from .base import EventFilter, ProviderBase, ProviderStats, QueueEventStream, StatusUpdate
+from .base import Closeable, EventFilter, ProviderBase, ProviderStats, QueueEventStream, StatusUpdate
 
 __all__ = ["NatsProvider"]
 
@@ -193,7 +193,7 @@ class _NatsDelivery:
         return f"<NatsDelivery {self.event.type} {self.event.id}>"
 
 
-class _NatsGroupStream:
+class _NatsGroupStream(Closeable):
     """A member of a group: a pull subscription bound to the group's durable consumer."""
 
     def __init__(self, provider: NatsProvider, pattern: str, group: str, lease: float) -> None:
@@ -355,12 +355,6 @@ class _NatsGroupStream:
         with contextlib.suppress(*_DRIVER_ERRORS):
             self._p._loop.run(self._sub.unsubscribe(), self._p.request_timeout)
         self._p._forget_group(self)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<NatsGroupStream durable={self.durable!r} subject={self.subject!r}>"

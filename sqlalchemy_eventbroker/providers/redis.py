@@ -71,7 +71,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from typing import Any, Self
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -84,6 +84,7 @@ from ..errors import ProviderError
 from ..event import Event, EventStatus
 from ..pattern import compile_pattern, validate_pattern
 from .base import (
+    Closeable,
     EventFilter,
     ProviderBase,
     ProviderStats,
@@ -332,7 +333,7 @@ class _RedisDelivery:
         return f"<RedisDelivery {self.event.type} {self.event.id} entry={self.entry_id}>"
 
 
-class _RedisGroupStream:
+class _RedisGroupStream(Closeable):
     """A member of a Redis consumer group; ``receive`` reads in the caller's thread.
 
     Each member has its own connection for the blocking ``XREADGROUP`` so that ``close()`` from
@@ -546,12 +547,6 @@ class _RedisGroupStream:
         with self._recv_lock:  # wait for it to leave, then release its connection
             self._client.close()
         self._p._forget_group(self)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<RedisGroupStream group={self.redis_group!r} consumer={self.consumer!r}>"
