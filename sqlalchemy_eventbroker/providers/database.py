@@ -1307,7 +1307,7 @@ class DatabaseProvider(ProviderBase):
         token = uuid.uuid4().hex
         claimed_at = time.monotonic()
         gone: builtins.list[int] = []
-        with self._errors(), self._serial, self._group_conn() as conn:
+        with self._errors(), self._serial, self._one_statement_conn() as conn:
             if self.is_postgres:
                 rows = conn.execute(self._sql_claim_batch, {
                     "gid": stream.group_id, "acks": acks, "n": n, "lease": stream.lease,
@@ -1341,7 +1341,7 @@ class DatabaseProvider(ProviderBase):
 
     def _ack_many(self, stream: _DbGroupStream, seqs: Sequence[int]) -> None:
         """Delete the claims ``seqs`` of the group: one statement."""
-        with self._errors(), self._serial, self._group_conn() as conn:
+        with self._errors(), self._serial, self._one_statement_conn() as conn:
             if self.is_postgres:
                 conn.execute(self._sql_ack_many, {"gid": stream.group_id, "acks": list(seqs)})
             else:
@@ -1355,7 +1355,7 @@ class DatabaseProvider(ProviderBase):
         if not deliveries:
             return set()
         if self.is_postgres:
-            with self._errors(), self._serial, self._group_conn() as conn:
+            with self._errors(), self._serial, self._one_statement_conn() as conn:
                 rows = conn.execute(self._sql_relet_many, {
                     "gid": stream.group_id, "seqs": [d.seq for d in deliveries],
                     "tokens": [d.token for d in deliveries], "lease": lease,
@@ -1363,7 +1363,7 @@ class DatabaseProvider(ProviderBase):
             return {int(r[0]) for r in rows}
         held: set[int] = set()
         c = self.tables.claims
-        with self._errors(), self._serial, self._group_conn() as conn:
+        with self._errors(), self._serial, self._one_statement_conn() as conn:
             until = time.time() + lease if lease > 0 else 0.0
             for d in deliveries:
                 if conn.execute(
@@ -1454,25 +1454,15 @@ class DatabaseProvider(ProviderBase):
                   "p_token": delivery.token, "p_lease": delivery.stream.lease}
         if not self.is_postgres:
             params["p_now"] = time.time()
-        with self._errors(), self._serial, self._group_conn() as conn:
+        with self._errors(), self._serial, self._one_statement_conn() as conn:
             return bool(conn.execute(self._sql_renew, params).rowcount)
 
     @contextmanager
     def _one_statement_conn(self) -> Iterator[Connection]:
-        """A connection for work that is ONE statement. PostgreSQL: autocommit (a single
-        statement is its own transaction: no BEGIN/COMMIT round trips); elsewhere a
-        transaction."""
-        if self.is_postgres:
-            with self.engine.connect() as conn:
-                yield conn.execution_options(isolation_level="AUTOCOMMIT")
-        else:
-            with self.engine.begin() as conn:
-                yield conn
-
-    @contextmanager
-    def _group_conn(self) -> Iterator[Connection]:
-        """A connection for claim/ack/renew. PostgreSQL: autocommit, one statement each;
-        elsewhere one transaction (SQLite's claim is a compare-and-set of two statements)."""
+        """A connection for work that is ONE statement (stores, group claim/ack/renew).
+        PostgreSQL: autocommit (a single statement is its own transaction: no BEGIN/COMMIT
+        round trips); elsewhere a transaction (SQLite's claim is a compare-and-set of two
+        statements, which it keeps together)."""
         if self.is_postgres:
             with self.engine.connect() as conn:
                 yield conn.execution_options(isolation_level="AUTOCOMMIT")
