@@ -21,7 +21,7 @@ from typing import Any
 from ._types import JSON
 from .errors import PayloadError
 
-__all__ = ["copy_json", "dumps", "loads", "to_jsonable"]
+__all__ = ["check_storable", "copy_json", "dumps", "loads", "to_jsonable"]
 
 _SCALARS = (str, int, bool, type(None))
 
@@ -41,7 +41,7 @@ def to_jsonable(value: object, _path: str = "payload") -> JSON:
         return value  # type: ignore[return-value]
     if cls is float:
         if not math.isfinite(value):  # type: ignore[arg-type]
-            raise PayloadError(f"{_path}: {value!r} is not a finite number and JSON cannot hold it")
+            raise PayloadError(f"{_path}: a non-finite float, which JSON cannot hold")
         return value  # type: ignore[return-value]
     if cls is dict:
         out: dict[str, JSON] = {}
@@ -64,7 +64,7 @@ def _key(key: object, path: str) -> str:
         return "true" if key else "false"
     if isinstance(key, (int, float, uuid.UUID, Decimal)):
         return str(key)
-    raise PayloadError(f"{path}: dict key {key!r} of type {type(key).__name__} is not a string")
+    raise PayloadError(f"{path}: a dict key of type {type(key).__name__} is not a string")
 
 
 def _convert(value: object, path: str) -> JSON:
@@ -80,7 +80,7 @@ def _convert(value: object, path: str) -> JSON:
         return value.total_seconds()
     if isinstance(value, Decimal):
         if not value.is_finite():
-            raise PayloadError(f"{path}: {value!r} is not a finite number and JSON cannot hold it")
+            raise PayloadError(f"{path}: a non-finite Decimal, which JSON cannot hold")
         return str(value)
     if isinstance(value, uuid.UUID):
         return str(value)
@@ -99,9 +99,42 @@ def _convert(value: object, path: str) -> JSON:
         except TypeError:
             pass
         return items
-    raise PayloadError(
-        f"{path}: {type(value).__name__} value {value!r:.80} is not JSON serializable"
-    )
+    # The type, never the value: error messages and logs carry no payload data.
+    raise PayloadError(f"{path}: a {type(value).__name__} value is not JSON serializable")
+
+
+_NUL = "\x00"
+
+
+def check_storable(value: JSON, path: str = "payload") -> None:
+    """Refuse a JSON value that some backend cannot store, the same way on every backend.
+
+    U+0000 (NUL) in a string or a key is the one such value: PostgreSQL ``jsonb`` cannot
+    hold it, so one NUL would fail a whole outbox statement there. Refusing it everywhere
+    keeps an event's fate independent of the provider it happens to travel through.
+
+    Raises:
+        PayloadError: naming the path of the offending string (never its text).
+    """
+    cls = type(value)
+    if cls is str:
+        if _NUL in value:  # type: ignore[operator]
+            raise PayloadError(f"{path}: a string holds U+0000 (NUL), which is refused on "
+                               f"every backend (PostgreSQL jsonb cannot store it)")
+    elif cls is dict:
+        for k, v in value.items():  # type: ignore[union-attr]
+            if _NUL in k:
+                raise PayloadError(f"{path}: a key holds U+0000 (NUL), which is refused on "
+                                   f"every backend (PostgreSQL jsonb cannot store it)")
+            if type(v) not in _PLAIN:
+                check_storable(v, f"{path}.{k}")
+    elif cls is list:
+        for i, v in enumerate(value):  # type: ignore[arg-type]
+            if type(v) not in _PLAIN:
+                check_storable(v, f"{path}[{i}]")
+
+
+_PLAIN = (int, float, bool, type(None))
 
 
 def _default(value: object) -> Any:

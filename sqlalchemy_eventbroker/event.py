@@ -195,6 +195,8 @@ class Event:
         Raises:
             EventValidationError: naming the field: empty id, source not an
                 ``EventSource``, empty type, unknown status.
+            PayloadError: a string of the payload or metadata holds U+0000 (refused on
+                every backend; the message names the path, never the text).
         """
         if not isinstance(self.id, str) or not self.id:
             raise EventValidationError("event.id: must be a non-empty string", field="id")
@@ -232,6 +234,9 @@ class Event:
                 f"event.metadata: expected a dict, got {type(self.metadata).__name__}",
                 field="metadata",
             )
+        _json.check_storable(self.payload, "payload")
+        if self.metadata:
+            _json.check_storable(self.metadata, "metadata")
 
     # -- serialisation -------------------------------------------------------------------
 

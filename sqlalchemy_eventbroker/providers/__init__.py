@@ -6,36 +6,18 @@ so ``import sqlalchemy_eventbroker`` never needs an extra.
 
 from __future__ import annotations
 
-from .base import (
-    BatchProvider as BatchProvider,
-)
-from .base import (
-    Delivery as Delivery,
-)
-from .base import (
-    EventFilter as EventFilter,
-)
-from .base import (
-    EventStream as EventStream,
-)
-from .base import (
-    GroupStream as GroupStream,
-)
-from .base import (
-    Provider as Provider,
-)
-from .base import (
-    ProviderBase as ProviderBase,
-)
-from .base import (
-    ProviderStats as ProviderStats,
-)
-from .base import (
-    TransactionalProvider as TransactionalProvider,
-)
+from .base import BusProvider as BusProvider
+from .base import Delivery as Delivery
+from .base import EventFilter as EventFilter
+from .base import EventStream as EventStream
+from .base import GroupStream as GroupStream
+from .base import Provider as Provider
+from .base import ProviderBase as ProviderBase
+from .base import ProviderStats as ProviderStats
+from .base import TransactionalProvider as TransactionalProvider
 
 __all__ = [
-    "BatchProvider",
+    "BusProvider",
     "Delivery",
     "EventFilter",
     "EventStream",

@@ -24,7 +24,7 @@ import queue
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, Self, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol, Self, runtime_checkable
 
 from .._types import JSON
 from ..errors import ProviderError
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
 
 __all__ = [
+    "BusProvider",
     "Closeable",
     "Delivery",
     "EventFilter",
@@ -44,10 +45,9 @@ __all__ = [
     "ProviderBase",
     "ProviderStats",
     "QueueEventStream",
-    "StatusBatchProvider",
     "StatusUpdate",
-    "StoreAndPublishProvider",
     "TransactionalProvider",
+    "bus_provider",
 ]
 
 
@@ -178,7 +178,12 @@ class GroupStream(Protocol):
 
 @runtime_checkable
 class Provider(Protocol):
-    """Stores events and carries them between brokers. Implementations are thread-safe."""
+    """API.md section 4: what a third-party provider must implement, at the least.
+
+    Implementations are thread-safe. A provider that also implements :class:`BusProvider`
+    (every provider of this package does) is used by the broker as it is; any other is
+    adapted once, by :func:`bus_provider`.
+    """
 
     def store(self, event: Event) -> None:
         """Keep ``event`` (a copy of it: later changes to the object are not seen)."""
@@ -203,7 +208,7 @@ class Provider(Protocol):
     def delete(self, event_id: str) -> None: ...
 
     def publish(self, event: Event) -> None:
-        """Make a stored event visible to the streams of every broker on this backend."""
+        """Store ``event`` if needed and make it visible to the streams of every broker."""
         ...
 
     def stream(self, pattern: str) -> EventStream: ...
@@ -217,30 +222,6 @@ class Provider(Protocol):
     def stats(self) -> ProviderStats: ...
 
 
-@runtime_checkable
-class BatchProvider(Protocol):
-    """Optional: store and publish many events in one round trip (the broker prefers it)."""
-
-    def store_many(self, events: Sequence[Event]) -> None: ...
-
-    def publish_many(self, events: Sequence[Event]) -> None: ...
-
-
-@runtime_checkable
-class StoreAndPublishProvider(Protocol):
-    """Optional: store events and make them visible to streams in one round trip.
-
-    Equivalent to ``store_many(events)`` followed by ``publish_many(events)``; the broker
-    prefers it, so a remote backend needs no second round trip per publish. ``origin`` (only
-    passed to providers that set ``supports_origin``) tags the events so the publishing
-    broker's own streams can skip them.
-    """
-
-    def store_and_publish_many(
-        self, events: Sequence[Event], *, origin: str | None = None
-    ) -> None: ...
-
-
 class StatusUpdate(NamedTuple):
     """One final-status write, as the broker batches them for ``update_status_many``."""
 
@@ -251,31 +232,66 @@ class StatusUpdate(NamedTuple):
 
 
 @runtime_checkable
-class StatusBatchProvider(Protocol):
-    """Optional: apply many status updates in one round trip.
+class BusProvider(Provider, Protocol):
+    """The contract the broker talks to: section 4 plus one batch write and one status batch.
 
-    The broker writes the outcome of every event it handled; on a remote backend one round
-    trip per event caps a consumer at the backend's round-trip rate, so async brokers collect
-    outcomes for a few milliseconds and hand them over together. Same semantics per item as
-    ``Provider.update_status``; unknown ids are ignored.
+    Every way an event enters a broker ends in ONE call to :meth:`store_and_publish_many`,
+    and every outcome in :meth:`update_status_many`; the single-event methods of section 4
+    are thin wrappers over these two. Where backends truly differ, the difference is a
+    class attribute declared here (as SQLAlchemy dialects declare theirs), never a probe.
     """
 
-    def update_status_many(self, updates: Sequence[StatusUpdate]) -> None: ...
+    #: The backend lives in this process, so a status write costs no round trip: the broker
+    #: writes each outcome at once instead of batching outcomes for a few milliseconds.
+    in_process: ClassVar[bool]
+
+    def store_and_publish_many(self, events: Sequence[Event], *, origin: str = "") -> None:
+        """Store ``events`` and make them visible to every stream on the backend.
+
+        One round trip for the batch. ``origin`` tags the events: a stream opened with
+        ``exclude_origin=origin`` never yields them, which is how a broker skips its own
+        events (the same way on every backend). Storing an id that is already stored
+        replaces it, and the event travels again (a redrive).
+        """
+        ...
+
+    def update_status_many(self, updates: Sequence[StatusUpdate]) -> None:
+        """Apply each update as :meth:`Provider.update_status` would; unknown ids are ignored."""
+        ...
+
+    def stream(self, pattern: str, *, exclude_origin: str = "") -> EventStream:
+        """A fan-out stream; events published with ``origin == exclude_origin`` are skipped."""
+        ...
 
 
 @runtime_checkable
 class TransactionalProvider(Protocol):
-    """Optional: write events inside the application's own database transaction (the outbox).
+    """Optional, and the only optional protocol: the transactional outbox.
 
-    ORM capture asks ``shares_transaction(connection)`` once per transaction; when it says yes,
-    capture hands each flush's events to ``write_in_transaction`` on that same connection,
-    before commit. The rows then commit or vanish with the user's data, and once committed
-    they are both stored and published: the broker neither stores nor publishes them again.
+    ORM capture asks ``shares_transaction(connection)`` once per transaction; when it says
+    yes, capture hands each flush's events to :meth:`write_in_transaction` on that same
+    connection, before commit. The rows commit or vanish with the user's data. After the
+    commit the broker calls :meth:`announce_committed`, so wake-ups travel outside the
+    application's transaction (on PostgreSQL a transaction that ran NOTIFY serialises its
+    commit behind every other notifying commit).
     """
 
     def shares_transaction(self, connection: Connection) -> bool: ...
 
-    def write_in_transaction(self, connection: Connection, events: Sequence[Event]) -> None: ...
+    def write_in_transaction(self, connection: Connection, events: Sequence[Event], *,
+                             origin: str = "") -> None:
+        """Write ``events`` with ONE statement on ``connection``, inside its transaction.
+
+        The provider isolates its own write: when it fails, only the write is undone (a
+        savepoint of its own), the caller's transaction stays usable, and this raises
+        :class:`~sqlalchemy_eventbroker.errors.ProviderError` (or ``PayloadError`` for an
+        event the backend cannot hold). No wake-up is sent from inside the transaction.
+        """
+        ...
+
+    def announce_committed(self, events: Sequence[Event]) -> None:
+        """The transaction that wrote ``events`` committed: wake the readers (coalesced)."""
+        ...
 
 
 class Closeable:
@@ -289,13 +305,124 @@ class Closeable:
 
 
 class ProviderBase(Closeable):
-    """Optional convenience base: ``with provider:`` closes it; a readable ``repr``."""
+    """Optional convenience base: ``with provider:`` closes it, a readable ``repr``, and the
+    single-event methods of section 4 as thin wrappers over the batch calls of
+    :class:`BusProvider`, so that a provider writes each path once."""
+
+    #: See :attr:`BusProvider.in_process`.
+    in_process: ClassVar[bool] = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._repr_target()})"
 
     def _repr_target(self) -> str:
         return ""
+
+    def publish(self, event: Event) -> None:
+        """Store ``event`` (replacing a stored copy) and make it visible to every stream."""
+        self.store_and_publish_many((event,))
+
+    def update_status(
+        self, event_id: str, status: EventStatus, error: str = "", *, retry_count: int | None = None
+    ) -> None:
+        """See :meth:`Provider.update_status`."""
+        self.update_status_many((StatusUpdate(event_id, status, error, retry_count),))
+
+    def store_and_publish_many(self, events: Sequence[Event], *, origin: str = "") -> None:
+        raise NotImplementedError  # pragma: no cover - every provider defines it
+
+    def update_status_many(self, updates: Sequence[StatusUpdate]) -> None:
+        raise NotImplementedError  # pragma: no cover - every provider defines it
+
+
+#: How many ids of its own events an adapted provider remembers to skip their echo.
+MAX_OWN_IDS = 100_000
+
+
+def bus_provider(provider: Provider) -> BusProvider:
+    """``provider`` as the broker talks to it: itself, or adapted once when it implements
+    only API.md section 4 (a third-party provider)."""
+    if isinstance(provider, BusProvider):
+        return provider
+    return _SectionFourAdapter(provider)
+
+
+class _SectionFourAdapter:
+    """Serves :class:`BusProvider` over a provider that has only section 4's methods.
+
+    Batches become loops, and echo suppression, which such a provider cannot do by origin,
+    is done here by id: the adapter remembers (boundedly) which ids it wrote with which
+    origin, and its streams drop them.
+    """
+
+    in_process = False
+
+    def __init__(self, provider: Provider) -> None:
+        self._provider = provider
+        self._own: dict[str, str] = {}
+        self._own_lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._provider, name)
+
+    def __repr__(self) -> str:
+        return repr(self._provider)
+
+    def store_and_publish_many(self, events: Sequence[Event], *, origin: str = "") -> None:
+        if origin:
+            with self._own_lock:
+                own = self._own
+                for e in events:
+                    own[e.id] = origin
+                while len(own) > MAX_OWN_IDS:
+                    del own[next(iter(own))]
+        for e in events:
+            self._provider.store(e)
+            self._provider.publish(e)
+
+    def update_status_many(self, updates: Sequence[StatusUpdate]) -> None:
+        for u in updates:
+            self._provider.update_status(u.event_id, u.status, u.error, retry_count=u.retry_count)
+
+    def stream(self, pattern: str, *, exclude_origin: str = "") -> EventStream:
+        inner = self._provider.stream(pattern)
+        if not exclude_origin:
+            return inner
+        return _SkipOwnStream(inner, self, exclude_origin)
+
+    def _is_own(self, event_id: str, origin: str) -> bool:
+        with self._own_lock:
+            if self._own.get(event_id) == origin:
+                del self._own[event_id]
+                return True
+            return False
+
+
+class _SkipOwnStream(Closeable):
+    """A section-4 provider's stream without the events its broker wrote itself."""
+
+    def __init__(self, inner: EventStream, adapter: _SectionFourAdapter, origin: str) -> None:
+        self._inner = inner
+        self._adapter = adapter
+        self._origin = origin
+
+    def receive(self, timeout: float | None = None) -> Event | None:
+        event = self._inner.receive(timeout)
+        if event is not None and self._adapter._is_own(event.id, self._origin):
+            return None
+        return event
+
+    def __iter__(self) -> Iterator[Event]:
+        return self
+
+    def __next__(self) -> Event:
+        while True:
+            event = self.receive(None)
+            if event is not None:
+                return event
+
+    def close(self) -> None:
+        self._inner.close()
 
 
 _CLOSED: Any = object()
