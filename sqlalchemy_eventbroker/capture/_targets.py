@@ -1,0 +1,125 @@
+"""Per-table facts computed once (names, columns, dependency order) and value encoding."""
+
+from __future__ import annotations
+
+import base64
+import math
+import threading
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.orm import Mapper
+from sqlalchemy.orm.base import NEVER_SET as _NEVER_SET
+from sqlalchemy.orm.base import NO_VALUE as _NO_VALUE
+from sqlalchemy.sql.schema import Column, Table
+
+from .. import _json
+from .._types import JSON
+from ..errors import PayloadError
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Dialect
+
+    from ._config import CRUDHookConfig
+
+__all__ = ["MISSING", "Target", "is_value", "jsonable"]
+
+#: "No such key" for ``dict.get``: distinct from every value a column can hold.
+MISSING: Any = object()
+
+_SCALARS = frozenset((str, int, bool, float, type(None)))
+_DEFAULT_SCHEMAS = {"postgresql": "public", "sqlite": "main"}
+_OPERATIONS = ("create", "read", "update", "delete")
+
+
+class Target:
+    """What events of one mapper (or plain table) need: names, columns, order."""
+
+    __slots__ = ("captured", "cols", "entity", "mapper", "null_on_create", "rank", "schema",
+                 "table", "types")
+
+    def __init__(self, table: Table, mapper: Mapper[Any] | None, config: CRUDHookConfig) -> None:
+        self.table = table
+        self.mapper = mapper
+        self.entity = table.name
+        self.schema = table.schema
+        self.captured = config.captures(table)
+        #: ``(attribute key, payload key)`` for every column attribute (all tables of an
+        #: inheritance hierarchy), payload key = the column key.
+        if mapper is not None:
+            self.cols: tuple[tuple[str, str], ...] = tuple(
+                (prop.key, prop.columns[0].key) for prop in mapper.column_attrs
+            )
+        else:
+            self.cols = tuple((c.key, c.key) for c in table.columns)
+        #: Columns an INSERT that did not mention them leaves NULL (no server-side value), so
+        #: a new instance without the attribute loaded holds NULL there: no need to fetch.
+        if mapper is not None:
+            self.null_on_create = frozenset(
+                prop.columns[0].key for prop in mapper.column_attrs
+                if all(_plain_nullable(c) for c in prop.columns)
+            )
+        else:
+            self.null_on_create = frozenset(c.key for c in table.columns if _plain_nullable(c))
+        self.rank = _table_rank(table)
+        #: ``{default schema: {operation: (schema, type)}}``.
+        self.types: dict[str | None, dict[str, tuple[str, str]]] = {}
+
+    def type_for(self, dialect: Dialect, operation: str) -> tuple[str, str]:
+        """``(schema, event type)`` of ``operation`` on this table through ``dialect``."""
+        default = dialect.default_schema_name
+        by_op = self.types.get(default)
+        if by_op is None:
+            schema = self.schema or default or _DEFAULT_SCHEMAS.get(dialect.name, "") or "default"
+            by_op = self.types[default] = {
+                op: (schema, f"{schema}.{self.entity}.{op}") for op in _OPERATIONS
+            }
+        return by_op[operation]
+
+
+def _plain_nullable(col: Any) -> bool:
+    return bool(isinstance(col, Column) and col.nullable and not col.primary_key
+            and col.server_default is None and col.server_onupdate is None
+            and col.computed is None and col.identity is None)
+
+
+_ranks_lock = threading.Lock()
+_ranks: dict[int, tuple[int, dict[Table, int]]] = {}
+
+
+def _table_rank(table: Table) -> int:
+    """Position of ``table`` in its MetaData's dependency order (parents first)."""
+    md = table.metadata
+    with _ranks_lock:
+        cached = _ranks.get(id(md))
+        if cached is None or cached[0] != len(md.tables):
+            try:
+                order = {t: i for i, t in enumerate(md.sorted_tables)}
+            except Exception:  # noqa: BLE001 - a dependency cycle: keep declaration order
+                order = {t: i for i, t in enumerate(md.tables.values())}
+            cached = _ranks[id(md)] = (len(md.tables), order)
+    return cached[1].get(table, 0)
+
+
+def jsonable(value: object) -> JSON:
+    """``value`` as the payload holds it: JSON as ``Event.set_payload`` encodes it, bytes as
+    base64 text, anything else JSON cannot hold as its ``str``.
+
+    Strings pass through untouched (the common case, kept cheap); whether a backend can
+    store them is ``Event.validate``'s question, asked once per built event.
+    """
+    if type(value) in _SCALARS:
+        if type(value) is float and not math.isfinite(value):  # JSON cannot hold it
+            return None
+        return value  # type: ignore[return-value]
+    try:
+        return _json.to_jsonable(value)
+    except PayloadError:
+        if isinstance(value, bytes | bytearray | memoryview):
+            return base64.b64encode(bytes(value)).decode("ascii")
+        return str(value)
+
+
+def is_value(v: object) -> bool:
+    """Whether an attribute-history entry is a value, not NO_VALUE / NEVER_SET."""
+    # Symbols of sqlalchemy.orm.base: compare by identity, cheaply.
+    return v is not _NO_VALUE and v is not _NEVER_SET
