@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import queue
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol, Self, runtime_checkable
@@ -355,7 +356,7 @@ class _SectionFourAdapter:
     origin, and its streams drop them.
     """
 
-    in_process = False
+    in_process: ClassVar[bool] = False
 
     def __init__(self, provider: Provider) -> None:
         self._provider = provider
@@ -407,10 +408,13 @@ class _SkipOwnStream(Closeable):
         self._origin = origin
 
     def receive(self, timeout: float | None = None) -> Event | None:
-        event = self._inner.receive(timeout)
-        if event is not None and self._adapter._is_own(event.id, self._origin):
-            return None
-        return event
+        # A skipped event does not end the wait: None only once the timeout has passed.
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            event = self._inner.receive(left)
+            if event is None or not self._adapter._is_own(event.id, self._origin):
+                return event
 
     def __iter__(self) -> Iterator[Event]:
         return self

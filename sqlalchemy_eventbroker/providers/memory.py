@@ -37,11 +37,8 @@ class MemoryProvider(ProviderBase):
     a database, Redis or NATS provider for several processes without changing handler code.
     """
 
-    #: ``publish_many(origin=)`` and ``stream(exclude_origin=)`` let a broker skip its own
-    #: events in the provider instead of filtering their echo itself.
-    supports_origin = True
     #: Status writes are in-process and cheap: the broker need not batch them.
-    inline_status_writes = True
+    in_process = True
 
     def __init__(
         self, max_events: int = 10000, cleanup_interval: float = 300.0, max_age: float = 86400.0
@@ -80,27 +77,19 @@ class MemoryProvider(ProviderBase):
             raise ProviderError("memory provider is closed")
 
     def store(self, event: Event) -> None:
-        copy = event.clone()
         with self._lock:
             self._check_open()
-            old = self._events.pop(copy.id, None)
-            seq = old[0] if old is not None else next(self._seq)
-            self._events[copy.id] = (seq, copy)
-            while len(self._events) > self.max_events:
-                self._events.popitem(last=False)
-                self._evicted += 1
+            self._keep((event.clone(),))
 
-    def store_many(self, events: Sequence[Event]) -> None:
-        copies = [event.clone() for event in events]
-        with self._lock:
-            self._check_open()
-            stored = self._events
-            for copy in copies:
-                old = stored.pop(copy.id, None)
-                stored[copy.id] = (old[0] if old is not None else next(self._seq), copy)
-            while len(stored) > self.max_events:
-                stored.popitem(last=False)
-                self._evicted += 1
+    def _keep(self, copies: Sequence[Event]) -> None:
+        # Caller holds self._lock. A replaced event keeps its place in the insertion order.
+        stored = self._events
+        for copy in copies:
+            old = stored.pop(copy.id, None)
+            stored[copy.id] = (old[0] if old is not None else next(self._seq), copy)
+        while len(stored) > self.max_events:
+            stored.popitem(last=False)
+            self._evicted += 1
 
     def get(self, event_id: str) -> Event | None:
         with self._lock:
@@ -121,11 +110,6 @@ class MemoryProvider(ProviderBase):
         if flt.limit:
             selected = selected[: flt.limit]
         return [event.clone() for _, event in selected]
-
-    def update_status(
-        self, event_id: str, status: EventStatus, error: str = "", *, retry_count: int | None = None
-    ) -> None:
-        self.update_status_many((StatusUpdate(event_id, status, error, retry_count),))
 
     def update_status_many(self, updates: Sequence[StatusUpdate]) -> None:
         now = dt.datetime.now(UTC)
@@ -179,28 +163,31 @@ class MemoryProvider(ProviderBase):
 
     # -- transport -------------------------------------------------------------------
 
-    def publish(self, event: Event) -> None:
-        self.publish_many((event,))
+    def store_and_publish_many(self, events: Sequence[Event], *, origin: str = "") -> None:
+        """Store copies of ``events`` and hand each matching stream and group a copy of its own.
 
-    def publish_many(self, events: Sequence[Event], *, origin: str | None = None) -> None:
-        self._check_open()
-        streams, groups = self._targets
+        Streams opened with ``exclude_origin=origin`` are passed over.
+        """
+        copies = [event.clone() for event in events]
         with self._lock:
-            self._published += len(events)
+            self._check_open()
+            self._keep(copies)
+            self._published += len(copies)
+            streams, groups = self._targets
         if not streams and not groups:
             return
-        for event in events:
+        for event in copies:  # the stored copy changes with update_status: hand out clones
             for stream in streams:
-                if stream.wants(event.type) and (origin is None or stream.origin != origin):
+                if stream.wants(event.type) and not (origin and stream.exclude_origin == origin):
                     stream._put(event.clone())
             for group in groups:
                 if group.match(event.type):
                     group.push(event.clone())
 
-    def stream(self, pattern: str, *, exclude_origin: str | None = None) -> QueueEventStream:
+    def stream(self, pattern: str, *, exclude_origin: str = "") -> QueueEventStream:
         validate_pattern(pattern)
         stream = _CountingStream(self, pattern, on_close=self._drop_stream)
-        stream.origin = exclude_origin
+        stream.exclude_origin = exclude_origin
         with self._lock:
             self._check_open()
             self._streams.append(stream)
@@ -281,7 +268,7 @@ class _CountingStream(QueueEventStream):
     def __init__(self, provider: MemoryProvider, pattern: str, on_close: object) -> None:
         super().__init__(pattern, on_close=on_close)
         self._provider = provider
-        self.origin: str | None = None
+        self.exclude_origin = ""
 
     def receive(self, timeout: float | None = None) -> Event | None:
         event = super().receive(timeout)

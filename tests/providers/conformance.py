@@ -41,23 +41,21 @@ import pytest
 
 from sqlalchemy_eventbroker import Broker, Event, EventSource, EventStatus, new_event
 from sqlalchemy_eventbroker.providers.base import (
-    BatchProvider,
+    BusProvider,
     Delivery,
     EventFilter,
     EventStream,
     GroupStream,
     Provider,
     ProviderStats,
-    StatusBatchProvider,
     StatusUpdate,
-    StoreAndPublishProvider,
 )
 from sqlalchemy_eventbroker.testing import EventRecorder
 
 __all__ = ["ProviderConformance"]
 
 UTC = dt.UTC
-ProviderFactory = Callable[[], Provider]
+ProviderFactory = Callable[[], BusProvider]
 
 
 def _event(type_: str = "public.users.create", payload: Any = None, **fields: Any) -> Event:
@@ -134,11 +132,11 @@ class ProviderConformance:
         yield  # pragma: no cover
 
     @pytest.fixture
-    def provider(self, provider_factory: ProviderFactory) -> Provider:
+    def provider(self, provider_factory: ProviderFactory) -> BusProvider:
         return provider_factory()
 
     @pytest.fixture
-    def peer(self, provider_factory: ProviderFactory) -> Provider:
+    def peer(self, provider_factory: ProviderFactory) -> BusProvider:
         """A second provider on the same backend: what another process would hold."""
         return provider_factory()
 
@@ -149,13 +147,19 @@ class ProviderConformance:
 
     # -- the protocol itself -------------------------------------------------------------------
 
-    def test_protocol__provider_implements_it(self, provider: Provider) -> None:
+    def test_protocol__provider_implements_it(self, provider: BusProvider) -> None:
         """The provider satisfies the runtime-checkable ``Provider`` protocol."""
         assert isinstance(provider, Provider)
 
+    def test_protocol__bus_provider_declares_in_process(self, provider: BusProvider) -> None:
+        """The provider is a ``BusProvider`` (what the broker talks to) and declares
+        ``in_process`` on its class, as a bool."""
+        assert isinstance(provider, BusProvider)
+        assert isinstance(type(provider).in_process, bool)
+
     # -- store, get ------------------------------------------------------------------------------
 
-    def test_store__get_roundtrips_every_field(self, provider: Provider) -> None:
+    def test_store__get_roundtrips_every_field(self, provider: BusProvider) -> None:
         """``get`` returns an event equal to the stored one, field by field."""
         e = _event("public.users.update", {"name": "ada", "tags": [], "n": 1.5, "nested": {}},
                    user_id=7, session_id="sess-1", instance_id="api-1",
@@ -169,7 +173,7 @@ class ProviderConformance:
         assert got is not e
         assert got.created_at.tzinfo is not None
 
-    def test_store__keeps_a_copy(self, provider: Provider) -> None:
+    def test_store__keeps_a_copy(self, provider: BusProvider) -> None:
         """Changing the event object after ``store`` does not change what is stored."""
         e = _event(payload={"a": 1})
         provider.store(e)
@@ -178,7 +182,7 @@ class ProviderConformance:
         got = provider.get(e.id)
         assert got is not None and got.payload == {"a": 1} and got.status is EventStatus.PENDING
 
-    def test_store__same_id_replaces(self, provider: Provider) -> None:
+    def test_store__same_id_replaces(self, provider: BusProvider) -> None:
         """Storing an event again under the same id replaces it; ``list`` shows it once."""
         e = _event(payload={"v": 1})
         provider.store(e)
@@ -187,11 +191,11 @@ class ProviderConformance:
         assert provider.get(e.id).payload == {"v": 2}  # type: ignore[union-attr]
         assert [x.id for x in provider.list(EventFilter())] == [e.id]
 
-    def test_get__unknown_id_is_none(self, provider: Provider) -> None:
+    def test_get__unknown_id_is_none(self, provider: BusProvider) -> None:
         """An id never stored gives ``None``, not an error."""
         assert provider.get("00000000-0000-7000-8000-000000000000") is None
 
-    def test_store__payload_of_100_kb(self, provider: Provider) -> None:
+    def test_store__payload_of_100_kb(self, provider: BusProvider) -> None:
         """A 100 KB payload is stored, read back and carried by a stream intact."""
         big = {"blob": "x" * 100_000, "n": list(range(100))}
         stream = provider.stream("*")
@@ -205,25 +209,10 @@ class ProviderConformance:
         finally:
             stream.close()
 
-    def test_store_many__and_publish_many(self, provider: Provider) -> None:
-        """A ``BatchProvider`` stores and publishes a batch like single calls would."""
-        if not isinstance(provider, BatchProvider):
-            pytest.xfail(f"{type(provider).__name__} is not a BatchProvider")
-        events = [_event(f"public.batch.e{i}", {"i": i}) for i in range(250)]
-        stream = provider.stream("public.batch.*")
-        try:
-            provider.store_many(events)
-            provider.publish_many(events)
-            got = _drain(stream, len(events), self.delivery_timeout * 2)
-            assert sorted(e.id for e in got) == sorted(e.id for e in events)
-            assert all(provider.get(e.id) == e for e in events[::50])
-        finally:
-            stream.close()
-
     # -- list ----------------------------------------------------------------------------------
 
     @pytest.fixture
-    def stored(self, provider: Provider) -> list[Event]:
+    def stored(self, provider: BusProvider) -> list[Event]:
         """Eight events with distinct field values, created 1 s apart, stored in order."""
         base = dt.datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
         specs = [
@@ -247,11 +236,11 @@ class ProviderConformance:
         provider.update_status(events[6].id, EventStatus.PROCESSING)
         return events
 
-    def test_list__all_oldest_first(self, provider: Provider, stored: list[Event]) -> None:
+    def test_list__all_oldest_first(self, provider: BusProvider, stored: list[Event]) -> None:
         """An empty filter lists everything, oldest ``created_at`` first."""
         assert [e.id for e in provider.list(EventFilter())] == [e.id for e in stored]
 
-    def test_list__oldest_first_even_when_stored_out_of_order(self, provider: Provider) -> None:
+    def test_list__oldest_first_even_when_stored_out_of_order(self, provider: BusProvider) -> None:
         """Order is by ``created_at``, not by the order of ``store`` calls."""
         base = dt.datetime(2024, 1, 1, tzinfo=UTC)
         late, early = _event("a.b.c"), _event("a.b.c")
@@ -285,13 +274,13 @@ class ProviderConformance:
                          id="filter-then-page"),
         ],
     )
-    def test_list__filters(self, provider: Provider, stored: list[Event], flt: EventFilter,
+    def test_list__filters(self, provider: BusProvider, stored: list[Event], flt: EventFilter,
                            expected: list[int]) -> None:
         """Each ``EventFilter`` field selects exactly its events; paging applies afterwards."""
         assert [e.id for e in provider.list(flt)] == [stored[i].id for i in expected]
 
     def test_list__time_range_start_inclusive_end_exclusive(
-        self, provider: Provider, stored: list[Event]
+        self, provider: BusProvider, stored: list[Event]
     ) -> None:
         """``start_time`` is inclusive and ``end_time`` exclusive, on ``created_at``."""
         flt = EventFilter(start_time=stored[2].created_at, end_time=stored[5].created_at)
@@ -301,7 +290,7 @@ class ProviderConformance:
         flt = EventFilter(end_time=stored[1].created_at, type_pattern="public.**")
         assert [e.id for e in provider.list(flt)] == [stored[0].id]
 
-    def test_list__returns_current_status(self, provider: Provider, stored: list[Event]) -> None:
+    def test_list__returns_current_status(self, provider: BusProvider, stored: list[Event]) -> None:
         """Listed events carry the status fields written by ``update_status``."""
         by_id = {e.id: e for e in provider.list(EventFilter())}
         assert by_id[stored[1].id].status is EventStatus.COMPLETED
@@ -310,7 +299,7 @@ class ProviderConformance:
 
     # -- update_status, delete ---------------------------------------------------------------
 
-    def test_update_status__processing_sets_processed_at(self, provider: Provider) -> None:
+    def test_update_status__processing_sets_processed_at(self, provider: BusProvider) -> None:
         """``processing`` sets ``processed_at`` (now) and leaves ``completed_at`` unset."""
         e = _event()
         provider.store(e)
@@ -321,7 +310,7 @@ class ProviderConformance:
         assert got.processed_at is not None and got.processed_at >= before - dt.timedelta(seconds=1)
         assert got.completed_at is None
 
-    def test_update_status__completed_sets_both_timestamps(self, provider: Provider) -> None:
+    def test_update_status__completed_sets_both_timestamps(self, provider: BusProvider) -> None:
         """``completed`` sets ``completed_at`` and, when never set, ``processed_at``."""
         e = _event()
         provider.store(e)
@@ -331,7 +320,7 @@ class ProviderConformance:
         assert got.completed_at is not None and got.processed_at is not None
         assert got.error == ""
 
-    def test_update_status__keeps_earlier_processed_at(self, provider: Provider) -> None:
+    def test_update_status__keeps_earlier_processed_at(self, provider: BusProvider) -> None:
         """``completed`` after ``processing`` keeps the earlier ``processed_at``."""
         e = _event()
         provider.store(e)
@@ -342,7 +331,7 @@ class ProviderConformance:
         assert got is not None and got.processed_at == first
         assert got.completed_at is not None and got.completed_at >= first  # type: ignore[operator]
 
-    def test_update_status__failed_records_error_and_retry_count(self, provider: Provider) -> None:
+    def test_update_status__failed_records_error_and_retry_count(self, provider: BusProvider) -> None:
         """``failed`` records the error text and, when given, the retry count."""
         e = _event()
         provider.store(e)
@@ -356,13 +345,13 @@ class ProviderConformance:
         got = provider.get(e.id)
         assert got is not None and got.retry_count == 3 and got.error == ""
 
-    def test_update_status__unknown_id_is_ignored(self, provider: Provider) -> None:
+    def test_update_status__unknown_id_is_ignored(self, provider: BusProvider) -> None:
         """Updating an id that is not stored neither raises nor creates anything."""
         provider.update_status("00000000-0000-7000-8000-000000000001", EventStatus.COMPLETED)
         assert provider.get("00000000-0000-7000-8000-000000000001") is None
         assert provider.list(EventFilter()) == []
 
-    def test_update_status__leaves_other_fields(self, provider: Provider) -> None:
+    def test_update_status__leaves_other_fields(self, provider: BusProvider) -> None:
         """Only status, error, retry count and timestamps change."""
         e = _event(payload={"k": [1, 2]}, user_id=5, metadata={"m": 1})
         provider.store(e)
@@ -372,7 +361,7 @@ class ProviderConformance:
         assert (got.payload, got.user_id, got.metadata, got.type, got.created_at) == (
             e.payload, e.user_id, e.metadata, e.type, e.created_at)
 
-    def test_delete__removes_the_event(self, provider: Provider) -> None:
+    def test_delete__removes_the_event(self, provider: BusProvider) -> None:
         """A deleted event is gone from ``get`` and ``list``; deleting again is harmless."""
         keep, gone = _event(), _event()
         provider.store(keep)
@@ -383,12 +372,9 @@ class ProviderConformance:
         provider.delete(gone.id)
         provider.delete("00000000-0000-7000-8000-000000000002")
 
-    def test_update_status_many__same_as_one_by_one(self, provider: Provider) -> None:
-        """Optional ``StatusBatchProvider``: a batch applies each update like ``update_status``,
-        in order, ignoring unknown ids; the status counts follow."""
-        if not isinstance(provider, StatusBatchProvider):
-            pytest.xfail(f"{type(provider).__name__} has no update_status_many; the broker "
-                         "writes statuses one by one")
+    def test_update_status_many__same_as_one_by_one(self, provider: BusProvider) -> None:
+        """A batch applies each update like ``update_status``, in order, ignoring unknown
+        ids; the status counts follow."""
         done, failed, working, twice = _event(), _event(), _event(), _event()
         for e in (done, failed, working, twice):
             provider.store(e)
@@ -421,16 +407,10 @@ class ProviderConformance:
         assert (stats.completed_events, stats.failed_events, stats.processing_events,
                 stats.pending_events) == (2, 1, 1, 0)
 
-    def test_update_status_many__a_large_batch(self, provider: Provider) -> None:
-        """Optional ``StatusBatchProvider``: a batch larger than any internal chunk works."""
-        if not isinstance(provider, StatusBatchProvider):
-            pytest.xfail(f"{type(provider).__name__} has no update_status_many")
+    def test_update_status_many__a_large_batch(self, provider: BusProvider) -> None:
+        """A status batch larger than any internal chunk works."""
         events = [_event("public.big.create", {"i": i}) for i in range(1200)]
-        if isinstance(provider, BatchProvider):
-            provider.store_many(events)
-        else:
-            for e in events:
-                provider.store(e)
+        provider.store_and_publish_many(events)
         provider.update_status_many([StatusUpdate(e.id, EventStatus.COMPLETED, "", i % 3)
                                      for i, e in enumerate(events)])
         assert provider.stats().completed_events == 1200
@@ -439,8 +419,8 @@ class ProviderConformance:
             assert got is not None and got.status is EventStatus.COMPLETED
             assert got.retry_count == i % 3
 
-    def test_store__visible_to_another_instance(self, provider: Provider,
-                                                peer: Provider) -> None:
+    def test_store__visible_to_another_instance(self, provider: BusProvider,
+                                                peer: BusProvider) -> None:
         """A stored event reaches the backend even when no publish follows (another
         instance sees it soon, without any further call on the storing instance)."""
         e = _event(payload={"lone": True})
@@ -448,29 +428,21 @@ class ProviderConformance:
         _wait(lambda: peer.get(e.id) is not None, self.delivery_timeout, "the lone store")
         assert peer.get(e.id) == e
 
-    def test_store__visible_to_another_instance_when_it_returns(self, provider: Provider,
-                                                                 peer: Provider) -> None:
+    def test_store__visible_to_another_instance_when_it_returns(self, provider: BusProvider,
+                                                                 peer: BusProvider) -> None:
         """A lone ``store`` is on the backend when it returns: another instance's ``get``
         right after finds it (no write held back waiting for a publish)."""
         e = _event(payload={"lone": "now"})
         provider.store(e)
         assert peer.get(e.id) == e
         batch = [_event(payload={"i": i}) for i in range(3)]
-        if isinstance(provider, BatchProvider):
-            provider.store_many(batch)
-        else:
-            for x in batch:
-                provider.store(x)
+        provider.store_and_publish_many(batch)
         assert [peer.get(x.id) for x in batch] == batch
 
-    def test_store_and_publish_many__stores_and_delivers(self, provider: Provider,
-                                                         peer: Provider) -> None:
-        """Optional ``StoreAndPublishProvider``: the same as ``store_many`` then
-        ``publish_many``: ``get`` right after returns each event (a copy), another instance
-        receives each once, finds it stored when it does, in publish order."""
-        if not isinstance(provider, StoreAndPublishProvider):
-            pytest.xfail(f"{type(provider).__name__} has no store_and_publish_many; the broker "
-                         "calls store and publish")
+    def test_store_and_publish_many__stores_and_delivers(self, provider: BusProvider,
+                                                         peer: BusProvider) -> None:
+        """The broker's one write: ``get`` right after returns each event (a copy), another
+        instance receives each once, finds it stored when it does, in publish order."""
         stream = peer.stream("public.snp.*")
         try:
             one = _event("public.snp.create", {"i": -1})
@@ -497,17 +469,12 @@ class ProviderConformance:
         finally:
             stream.close()
 
-    def test_store_and_publish_many__origin_skipped_by_its_streams(self, provider: Provider,
-                                                                   peer: Provider) -> None:
-        """Optional ``StoreAndPublishProvider`` with ``supports_origin``: events tagged with
-        an origin are skipped by streams excluding that origin, seen by all others, and
-        stored either way."""
-        if not isinstance(provider, StoreAndPublishProvider) or \
-                not getattr(provider, "supports_origin", False):
-            pytest.xfail(f"{type(provider).__name__} has no origin-tagged "
-                         "store_and_publish_many")
-        own = peer.stream("*", exclude_origin="broker-a")  # type: ignore[call-arg]
-        other = peer.stream("*", exclude_origin="broker-b")  # type: ignore[call-arg]
+    def test_store_and_publish_many__origin_skipped_by_its_streams(self, provider: BusProvider,
+                                                                   peer: BusProvider) -> None:
+        """Events tagged with an origin are skipped by streams excluding that origin, seen
+        by all others, and stored either way."""
+        own = peer.stream("*", exclude_origin="broker-a")
+        other = peer.stream("*", exclude_origin="broker-b")
         try:
             tagged = [_event("public.origin.create", {"i": i}) for i in range(3)]
             untagged = _event("public.origin.update")
@@ -522,7 +489,7 @@ class ProviderConformance:
             own.close()
             other.close()
 
-    def test_publish__stored_before_delivered(self, provider: Provider, peer: Provider) -> None:
+    def test_publish__stored_before_delivered(self, provider: BusProvider, peer: BusProvider) -> None:
         """Store then publish: when another instance receives the event, ``get`` there
         already finds it stored (so its status write-back can never miss the event)."""
         stream = peer.stream("public.order.*")
@@ -531,13 +498,7 @@ class ProviderConformance:
             for e in events[:10]:
                 provider.store(e)
                 provider.publish(e)
-            if isinstance(provider, BatchProvider):
-                provider.store_many(events[10:])
-                provider.publish_many(events[10:])
-            else:
-                for e in events[10:]:
-                    provider.store(e)
-                    provider.publish(e)
+            provider.store_and_publish_many(events[10:])
             got = _drain(stream, 30, self.delivery_timeout)
             for x in got:
                 stored = peer.get(x.id)
@@ -548,7 +509,7 @@ class ProviderConformance:
 
     # -- fan-out streams ---------------------------------------------------------------------
 
-    def test_stream__sees_only_events_published_after_it_opened(self, provider: Provider) -> None:
+    def test_stream__sees_only_events_published_after_it_opened(self, provider: BusProvider) -> None:
         """A stream gets what is published after ``stream()`` returned, nothing before."""
         early = _event("public.users.create")
         provider.store(early)
@@ -564,7 +525,7 @@ class ProviderConformance:
         finally:
             stream.close()
 
-    def test_stream__each_event_exactly_once(self, provider: Provider) -> None:
+    def test_stream__each_event_exactly_once(self, provider: BusProvider) -> None:
         """Every published event arrives once: no loss, no duplicates."""
         stream = provider.stream("public.**")
         try:
@@ -578,7 +539,7 @@ class ProviderConformance:
         finally:
             stream.close()
 
-    def test_stream__in_publish_order(self, provider: Provider) -> None:
+    def test_stream__in_publish_order(self, provider: BusProvider) -> None:
         """Events from one publisher arrive in the order they were published."""
         self.lacks("ordered_per_publisher", "the backend may reorder events")
         stream = provider.stream("*")
@@ -606,7 +567,7 @@ class ProviderConformance:
             ("nothing.*", []),
         ],
     )
-    def test_stream__pattern_selects_types(self, provider: Provider, pattern: str,
+    def test_stream__pattern_selects_types(self, provider: BusProvider, pattern: str,
                                            expected: list[str]) -> None:
         """A stream's pattern selects event types with the rules of ``matches``."""
         types = ["public.users.create", "public.users.delete", "public.orders.create",
@@ -621,7 +582,7 @@ class ProviderConformance:
         finally:
             stream.close()
 
-    def test_stream__two_streams_each_get_every_event(self, provider: Provider) -> None:
+    def test_stream__two_streams_each_get_every_event(self, provider: BusProvider) -> None:
         """Two open streams on one provider each receive every matching event once."""
         a, b = provider.stream("*"), provider.stream("public.*.create")
         try:
@@ -637,8 +598,8 @@ class ProviderConformance:
             a.close()
             b.close()
 
-    def test_stream__receives_from_another_instance(self, provider: Provider,
-                                                    peer: Provider) -> None:
+    def test_stream__receives_from_another_instance(self, provider: BusProvider,
+                                                    peer: BusProvider) -> None:
         """A stream on one provider instance gets what another instance publishes."""
         stream = peer.stream("*")
         try:
@@ -651,23 +612,34 @@ class ProviderConformance:
         finally:
             stream.close()
 
-    def test_stream__exclude_origin_skips_own_events(self, provider: Provider,
-                                                     peer: Provider) -> None:
-        """Optional ``supports_origin``: a stream skips events published with its origin."""
-        if not getattr(provider, "supports_origin", False):
-            pytest.xfail(f"{type(provider).__name__} has no origin tagging; brokers filter "
-                         "their own events by id instead")
-        own = peer.stream("*", exclude_origin="broker-b")  # type: ignore[call-arg]
+    def test_stream__exclude_origin_skips_own_events(self, provider: BusProvider,
+                                                     peer: BusProvider) -> None:
+        """A stream skips events published with its origin, whichever instance wrote them."""
+        own = peer.stream("*", exclude_origin="broker-b")
         try:
             mine, theirs = _event("public.a.create"), _event("public.b.create")
-            peer.publish_many([mine], origin="broker-b")  # type: ignore[attr-defined]
-            provider.publish_many([theirs], origin="broker-a")  # type: ignore[attr-defined]
+            peer.store_and_publish_many([mine], origin="broker-b")
+            provider.store_and_publish_many([theirs], origin="broker-a")
             got = _drain(own, 1, self.delivery_timeout) + _quiet(own, self.quiet_period)
             assert [e.id for e in got] == [theirs.id]
         finally:
             own.close()
 
-    def test_stream__receive_times_out_with_none(self, provider: Provider) -> None:
+    def test_stream__exclude_origin_waits_past_own_events(self, provider: BusProvider) -> None:
+        """Skipped events do not end a ``receive`` early: one call waits past them for the
+        next event of another origin (``None`` only when the timeout passes)."""
+        own = provider.stream("*", exclude_origin="broker-b")
+        try:
+            mine = [_event("public.a.create") for _ in range(3)]
+            theirs = _event("public.b.create")
+            provider.store_and_publish_many(mine, origin="broker-b")
+            provider.store_and_publish_many([theirs], origin="broker-a")
+            got = own.receive(timeout=self.delivery_timeout)
+            assert got is not None and got.id == theirs.id
+        finally:
+            own.close()
+
+    def test_stream__receive_times_out_with_none(self, provider: BusProvider) -> None:
         """``receive(timeout)`` returns ``None`` when nothing arrives in time."""
         stream = provider.stream("*")
         try:
@@ -677,7 +649,7 @@ class ProviderConformance:
         finally:
             stream.close()
 
-    def test_stream__iterates(self, provider: Provider) -> None:
+    def test_stream__iterates(self, provider: BusProvider) -> None:
         """A stream is an iterator of events; closing it ends the iteration."""
         stream = provider.stream("*")
         events = [_event() for _ in range(3)]
@@ -690,7 +662,7 @@ class ProviderConformance:
                 stream.close()
         assert sorted(e.id for e in got) == sorted(e.id for e in events)
 
-    def test_stream__close_wakes_a_blocked_receive(self, provider: Provider) -> None:
+    def test_stream__close_wakes_a_blocked_receive(self, provider: BusProvider) -> None:
         """``close()`` from another thread ends a ``receive(None)`` with ``StopIteration``."""
         stream = provider.stream("*")
         outcome: list[str] = []
@@ -726,8 +698,8 @@ class ProviderConformance:
 
     # -- groups -----------------------------------------------------------------------------
 
-    def test_group__competing_members_share_the_events(self, provider: Provider,
-                                                       peer: Provider) -> None:
+    def test_group__competing_members_share_the_events(self, provider: BusProvider,
+                                                       peer: BusProvider) -> None:
         """Members of one group (on two instances) get each event once between them."""
         self.lacks("supports_groups", "no competing consumers")
         a = provider.group_stream("public.**", "workers", lease=self.lease * 5)
@@ -767,7 +739,7 @@ class ProviderConformance:
             a.close()
             b.close()
 
-    def test_group__distinct_groups_each_get_every_event(self, provider: Provider) -> None:
+    def test_group__distinct_groups_each_get_every_event(self, provider: BusProvider) -> None:
         """Two groups (or one group with two patterns) are independent consumers."""
         self.lacks("supports_groups", "no competing consumers")
         g1 = provider.group_stream("public.**", "emails", lease=self.lease * 5)
@@ -786,7 +758,7 @@ class ProviderConformance:
             for gs in (g1, g2, g3):
                 gs.close()
 
-    def test_group__pattern_filters(self, provider: Provider) -> None:
+    def test_group__pattern_filters(self, provider: BusProvider) -> None:
         """A group member only gets events matching its pattern."""
         self.lacks("supports_groups", "no competing consumers")
         gs = provider.group_stream("*.*.delete", "cleanup", lease=self.lease * 5)
@@ -803,7 +775,7 @@ class ProviderConformance:
         finally:
             gs.close()
 
-    def test_group__in_publish_order(self, provider: Provider) -> None:
+    def test_group__in_publish_order(self, provider: BusProvider) -> None:
         """A single member receives one publisher's events in publish order."""
         self.lacks("supports_groups", "no competing consumers")
         self.lacks("ordered_per_publisher", "the backend may reorder events")
@@ -819,8 +791,8 @@ class ProviderConformance:
         finally:
             gs.close()
 
-    def test_group__redelivers_after_lease_expiry(self, provider: Provider,
-                                                  peer: Provider) -> None:
+    def test_group__redelivers_after_lease_expiry(self, provider: BusProvider,
+                                                  peer: BusProvider) -> None:
         """An event not acknowledged within its lease is delivered again, to any member."""
         self.lacks("supports_groups", "no competing consumers")
         a = provider.group_stream("public.**", "retry", lease=self.lease)
@@ -846,7 +818,7 @@ class ProviderConformance:
             a.close()
             b.close()
 
-    def test_group__renew_keeps_the_lease(self, provider: Provider, peer: Provider) -> None:
+    def test_group__renew_keeps_the_lease(self, provider: BusProvider, peer: BusProvider) -> None:
         """A member that renews keeps its delivery past the lease; nobody else gets it."""
         self.lacks("supports_groups", "no competing consumers")
         a = provider.group_stream("public.**", "slow", lease=self.lease)
@@ -873,7 +845,7 @@ class ProviderConformance:
             a.close()
             b.close()
 
-    def test_group__ack_prevents_redelivery(self, provider: Provider) -> None:
+    def test_group__ack_prevents_redelivery(self, provider: BusProvider) -> None:
         """An acknowledged event is never delivered to the group again."""
         self.lacks("supports_groups", "no competing consumers")
         gs = provider.group_stream("public.**", "acked", lease=self.lease)
@@ -888,7 +860,7 @@ class ProviderConformance:
             gs.close()
 
     def test_group__catches_up_on_events_published_while_no_member_was_open(
-        self, provider: Provider, peer: Provider
+        self, provider: BusProvider, peer: BusProvider
     ) -> None:
         """A group is durable from its first opening: a later member gets the backlog."""
         self.lacks("supports_groups", "no competing consumers")
@@ -907,7 +879,7 @@ class ProviderConformance:
             later.close()
 
     def test_group__unacked_delivery_of_a_closed_member_goes_to_another(
-        self, provider: Provider, peer: Provider
+        self, provider: BusProvider, peer: BusProvider
     ) -> None:
         """A member that closes without acking: its delivery reaches another member."""
         self.lacks("supports_groups", "no competing consumers")
@@ -926,7 +898,7 @@ class ProviderConformance:
             a.close()
             b.close()
 
-    def test_group__close_wakes_a_blocked_receive(self, provider: Provider) -> None:
+    def test_group__close_wakes_a_blocked_receive(self, provider: BusProvider) -> None:
         """``close()`` from another thread ends a blocked group ``receive``."""
         self.lacks("supports_groups", "no competing consumers")
         gs = provider.group_stream("*", "wake", lease=self.lease)
@@ -951,7 +923,7 @@ class ProviderConformance:
 
     # -- stats and lifecycle ---------------------------------------------------------------
 
-    def test_stats__counts_by_status(self, provider: Provider, stored: list[Event]) -> None:
+    def test_stats__counts_by_status(self, provider: BusProvider, stored: list[Event]) -> None:
         """``stats`` counts the stored events by status and names the provider type."""
         stats = provider.stats()
         assert isinstance(stats, ProviderStats)
@@ -960,7 +932,7 @@ class ProviderConformance:
                 stats.completed_events, stats.failed_events) == (8, 5, 1, 1, 1)
         assert isinstance(stats.provider_specific, dict)
 
-    def test_stats__counts_publishing_and_consuming(self, provider: Provider) -> None:
+    def test_stats__counts_publishing_and_consuming(self, provider: BusProvider) -> None:
         """``events_published``, ``events_consumed`` and ``active_subscribers`` move."""
         before = provider.stats()
         stream = provider.stream("*")
@@ -1108,7 +1080,7 @@ class ProviderConformance:
         assert Counter(e.id for e in audit_c.events) == ids
 
     def test_bus__handled_status_is_written_back(self, brokers: Callable[[str], Broker],
-                                                 provider: Provider) -> None:
+                                                 provider: BusProvider) -> None:
         """After a remote broker handled an event, the stored event is ``completed``."""
         a, b = brokers("a"), brokers("b")
         rec = EventRecorder()

@@ -1,14 +1,42 @@
-"""The conformance suite on ``MemoryProvider``: one object is the whole bus."""
+"""The conformance suite on ``MemoryProvider``: one object is the whole bus.
+
+It runs a second time on ``bus_provider(Section4Only(MemoryProvider()))``: a provider with
+only API.md section 4's methods, as a third party writes one, served to the broker's contract
+by the adapter in ``providers.base`` (batches as loops, origin skipping by id).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
+from sqlalchemy_eventbroker.event import Event, EventStatus
+from sqlalchemy_eventbroker.providers.base import (
+    BusProvider,
+    EventFilter,
+    EventStream,
+    GroupStream,
+    Provider,
+    ProviderStats,
+    bus_provider,
+)
 from sqlalchemy_eventbroker.providers.memory import MemoryProvider
 
 from .conformance import ProviderConformance, ProviderFactory
+
+
+def _shared_memory() -> tuple[Callable[[], MemoryProvider], list[MemoryProvider]]:
+    """A maker handing out one ``MemoryProvider`` until a test closes it (a "restart" then
+    gets a fresh one), and the list of every one made, for the teardown."""
+    made = [MemoryProvider()]
+
+    def make() -> MemoryProvider:
+        if made[-1]._closed:
+            made.append(MemoryProvider())
+        return made[-1]
+
+    return make, made
 
 
 class TestMemoryProvider(ProviderConformance):
@@ -19,16 +47,85 @@ class TestMemoryProvider(ProviderConformance):
 
     @pytest.fixture
     def provider_factory(self) -> Iterator[ProviderFactory]:
-        shared = MemoryProvider()
-        closed: list[MemoryProvider] = [shared]
+        make, made = _shared_memory()
+        yield make
+        for p in made:
+            p.close()
 
-        def make() -> MemoryProvider:
-            nonlocal shared
-            if shared._closed:  # a test closed it on purpose: a "restart" gets a fresh one
-                shared = MemoryProvider()
-                closed.append(shared)
-            return shared
+
+class Section4Only:
+    """A minimal third-party provider: API.md section 4's methods and nothing else,
+    each delegated to a ``MemoryProvider``."""
+
+    def __init__(self, inner: MemoryProvider) -> None:
+        self._inner = inner
+
+    def store(self, event: Event) -> None:
+        self._inner.store(event)
+
+    def get(self, event_id: str) -> Event | None:
+        return self._inner.get(event_id)
+
+    def list(self, filter: EventFilter) -> list[Event]:
+        return self._inner.list(filter)
+
+    def update_status(self, event_id: str, status: EventStatus, error: str = "", *,
+                      retry_count: int | None = None) -> None:
+        self._inner.update_status(event_id, status, error, retry_count=retry_count)
+
+    def delete(self, event_id: str) -> None:
+        self._inner.delete(event_id)
+
+    def publish(self, event: Event) -> None:
+        self._inner.publish(event)
+
+    def stream(self, pattern: str) -> EventStream:
+        return self._inner.stream(pattern)
+
+    def group_stream(self, pattern: str, group: str, *, lease: float = 30.0) -> GroupStream:
+        return self._inner.group_stream(pattern, group, lease=lease)
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def stats(self) -> ProviderStats:
+        return self._inner.stats()
+
+
+class TestSectionFourAdapter(ProviderConformance):
+    """The whole suite through ``bus_provider`` over a section-4-only provider."""
+
+    durable_across_restart = False
+    separate_instances = False
+
+    @pytest.fixture
+    def provider_factory(self) -> Iterator[ProviderFactory]:
+        make_memory, made = _shared_memory()
+        adapted: dict[int, BusProvider] = {}
+
+        def make() -> BusProvider:
+            # One adapter per bus object, as each broker adapts the provider it is given once.
+            inner = make_memory()
+            if id(inner) not in adapted:
+                adapted[id(inner)] = bus_provider(Section4Only(inner))
+            return adapted[id(inner)]
 
         yield make
-        for p in closed:
+        for p in made:
             p.close()
+
+    def test_adapter__is_in_use(self, provider: BusProvider) -> None:
+        """``Section4Only`` is a ``Provider`` but not a ``BusProvider``, so it is adapted."""
+        inner = Section4Only(MemoryProvider())
+        try:
+            assert isinstance(inner, Provider) and not isinstance(inner, BusProvider)
+            assert not isinstance(bus_provider(inner), Section4Only)
+            assert not isinstance(provider, Section4Only)
+            assert type(provider).in_process is False
+        finally:
+            inner.close()
+
+    def test_adapter__passes_a_bus_provider_through(self) -> None:
+        """A provider that already is a ``BusProvider`` is used as it is."""
+        with MemoryProvider() as p:
+            assert bus_provider(p) is p
