@@ -25,6 +25,7 @@ from .errors import HandlerError as HandlerError
 from .errors import PatternError as PatternError
 from .errors import PayloadError as PayloadError
 from .errors import ProviderError as ProviderError
+from .errors import PublishDepthExceeded as PublishDepthExceeded
 from .errors import QueueFull as QueueFull
 from .errors import SubscriptionNotFound as SubscriptionNotFound
 from .event import Event as Event
@@ -121,7 +122,7 @@ __all__ = sorted([
     "DatabaseProvider", "Event", "EventBrokerConfig", "EventFilter", "EventSource",
     "EventStatus", "EventStream", "EventValidationError", "HandlerError", "MemoryProvider",
     "NatsProvider", "PatternError", "PayloadError", "ProcessingMode", "Provider",
-    "ProviderError", "ProviderStats", "QueueFull", "RedisProvider", "RetryPolicy",
+    "ProviderError", "ProviderStats", "PublishDepthExceeded", "QueueFull", "RedisProvider", "RetryPolicy",
     "SubscriptionNotFound", "compile_pattern", "event_context", "event_type",
     "get_default_broker", "initialize", "is_initialized", "load_config", "matches",
     "new_event", "publish", "publish_async", "publish_sync", "register_crud_hooks",

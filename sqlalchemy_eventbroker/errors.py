@@ -10,6 +10,7 @@
     ├── EventValidationError (ValueError)
     ├── SubscriptionNotFound (LookupError)
     ├── HandlerError                 publish_sync: handlers failed after their retries
+    ├── PublishDepthExceeded (RecursionError)  sync handlers publishing too deep; not retried
     ├── ConfigError (ValueError)     bad configuration, named by its key path
     └── ProviderError                the backend failed or is unreachable
 
@@ -31,6 +32,7 @@ __all__ = [
     "PatternError",
     "PayloadError",
     "ProviderError",
+    "PublishDepthExceeded",
     "QueueFull",
     "SubscriptionNotFound",
 ]
@@ -113,6 +115,18 @@ class HandlerError(BrokerError):
         self.event_id = event_id
         #: ``(subscription_id, exception)`` for each handler that exhausted its retries.
         self.failures: list[tuple[str, BaseException]] = list(failures)
+
+
+class PublishDepthExceeded(BrokerError, RecursionError):
+    """A sync-mode handler published, and its handlers published, deeper than the broker's
+    ``max_publish_depth``: almost always a handler that publishes what it handles.
+
+    Raised by the innermost ``publish_sync`` before anything is stored, it is never retried
+    and travels up through every level unchanged, so the chain ends at once instead of
+    growing with the retries of each level.
+    """
+
+    code = "publish_depth_exceeded"
 
 
 class ConfigError(BrokerError, ValueError):
