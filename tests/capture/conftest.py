@@ -26,6 +26,23 @@ from sqlalchemy_eventbroker.testing import EventRecorder
 
 from .models import AUDIT_SCHEMA, Base
 
+#: Put in the refused value; must appear in no log message and no exception text.
+MARKER = "do-not-log-7c1f"
+
+
+def assert_marker_never_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """No record of ours, its message or exception, says what the refused value held.
+
+    (Drivers' own DEBUG logs, aiosqlite's say, do print parameters; they are not ours.)
+    """
+    ours = [r for r in caplog.records if r.name.startswith("sqlalchemy_eventbroker")]
+    assert ours
+    for record in ours:
+        assert MARKER not in caplog.handler.format(record)
+        assert MARKER not in record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            assert MARKER not in repr(record.exc_info[1])
+
 
 def _attach_audit(path: str) -> Callable[..., None]:
     def on_connect(dbapi_conn: Any, _record: Any) -> None:

@@ -1,11 +1,11 @@
 """Models for the capture tests: plain, server defaults, parent/child cascade, joined
-inheritance, composite primary key, a table in an explicit schema."""
+inheritance, composite primary key, a table in an explicit schema, a JSON column."""
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from sqlalchemy import ForeignKey, LargeBinary, String, text
+from sqlalchemy import JSON, ForeignKey, LargeBinary, String, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 AUDIT_SCHEMA = "audit"
@@ -69,3 +69,15 @@ class Ledger(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     note: Mapped[str] = mapped_column(String(100))
     blob: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
+
+
+class Document(Base):
+    """A JSON column (PostgreSQL ``json`` keeps a U+0000 escape that ``jsonb`` refuses) and a
+    text column (SQLite stores U+0000 in it; PostgreSQL text cannot)."""
+
+    __tablename__ = "documents"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    title: Mapped[str] = mapped_column(String(50))
+    body: Mapped[Any] = mapped_column(JSON, nullable=True, default=None)
+    text: Mapped[str | None] = mapped_column(Text, default=None)

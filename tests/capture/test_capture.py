@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 
+import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from sqlalchemy_eventbroker import EventSource, EventStatus
+from sqlalchemy_eventbroker import EventSource, EventStatus, PayloadError
 from sqlalchemy_eventbroker.capture import CRUDHookConfig, event_context
 
-from .conftest import Harness
-from .models import Employee, Engineer, Ledger, Membership, Post, User
+from .conftest import MARKER, Harness, assert_marker_never_logged
+from .models import Document, Employee, Engineer, Ledger, Membership, Post, User
 
 
 def _add_user(s: Session, name: str = "ada", **kw: object) -> User:
@@ -472,6 +474,86 @@ def test_failure__stopped_broker_keeps_the_row_and_counts(h: Harness) -> None:
     uid = h.tx(lambda s: _add_user(s).id)
     assert _load(h, User, uid) is not None
     assert h.capture_errors() == 1
+
+
+# -- one bad event never takes the others with it ------------------------------------------
+
+def refused(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """Messages of the capture's own ERROR records about dropped events."""
+    return [r.getMessage() for r in caplog.records
+            if r.name == "sqlalchemy_eventbroker.capture" and r.levelno == logging.ERROR]
+
+
+def test_bad_event__nul_in_json_column_is_dropped_alone(
+        h: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    """A U+0000 in one row's JSON value drops that row's event alone: the row commits, the
+    other rows' events are published, and the log names type and id, never the data."""
+    caplog.set_level(logging.DEBUG)
+    h.capture()
+    h.tx(lambda s: s.add_all([Document(title="a", body={"k": "fine"}),
+                              Document(title="bad", body={"k": f"x\u0000{MARKER}"}),
+                              Document(title="c", body=[1, "ok"])]))
+    assert [e.payload["title"] for e in h.events] == ["a", "c"]
+    titles = h.tx(lambda s: s.scalars(sa.select(Document.title).order_by(Document.id)).all())
+    assert titles == ["a", "bad", "c"]  # the data commits as without capture
+    assert h.capture_errors() == 1
+    [line] = refused(caplog)
+    assert h.t("documents", "create") in line and "U+0000" in line and "payload.body.k" in line
+    assert_marker_never_logged(caplog)
+
+
+def test_bad_event__nul_in_text_column_is_dropped_alone(
+        hs: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    """SQLite stores U+0000 in a text column; its event is refused, the others go on."""
+    caplog.set_level(logging.DEBUG)
+    hs.capture()
+
+    def work(s: Session) -> None:
+        s.add_all([Document(title="a"), Document(title="b", text=f"\u0000{MARKER}")])
+        s.flush()
+        s.add(Document(title="c", text="plain"))
+
+    hs.tx(work)
+    assert [e.payload["title"] for e in hs.events] == ["a", "c"]
+    assert hs.capture_errors() == 1
+    assert len(refused(caplog)) == 1
+    assert_marker_never_logged(caplog)
+
+
+def test_bad_event__bulk_insert_drops_only_the_bad_row(
+        h: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    """A bulk INSERT of three rows, one holding U+0000, gives the two other events."""
+    caplog.set_level(logging.DEBUG)
+    h.capture()
+    h.tx(lambda s: s.execute(sa.insert(Document), [
+        {"title": "a"}, {"title": "bad", "body": {"k": [f"\u0000{MARKER}"]}}, {"title": "c"}]))
+    assert [e.payload["title"] for e in h.events] == ["a", "c"]
+    assert h.capture_errors() == 1
+    assert_marker_never_logged(caplog)
+
+
+def test_bad_event__nul_in_update_changes_drops_that_update(
+        h: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    """An update whose new value holds U+0000 is refused; the flush's other update is not."""
+    caplog.set_level(logging.DEBUG)
+    ids = h.tx(lambda s: [(s.add(d := Document(title=t)), s.flush(), d.id)[2] for t in "ab"])
+    h.capture()
+
+    def work(s: Session) -> None:
+        s.get(Document, ids[0]).body = {"k": f"\u0000{MARKER}"}
+        s.get(Document, ids[1]).title = "b2"
+
+    h.tx(work)
+    assert [(e.operation, e.payload["title"]) for e in h.events] == [("update", "b2")]
+    assert h.capture_errors() == 1
+    assert_marker_never_logged(caplog)
+
+
+def test_context__nul_in_metadata_is_refused_at_once() -> None:
+    """event_context refuses U+0000 in its metadata up front, naming the path only."""
+    with pytest.raises(PayloadError) as info, event_context(metadata={"r": f"\u0000{MARKER}"}):
+        pass
+    assert "metadata.r" in str(info.value) and MARKER not in str(info.value)
 
 
 # -- cost ----------------------------------------------------------------------------------

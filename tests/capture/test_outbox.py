@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -10,11 +11,11 @@ import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
 from sqlalchemy.orm import Session
 
-from sqlalchemy_eventbroker import Broker, EventFilter, RetryPolicy
+from sqlalchemy_eventbroker import Broker, Event, EventFilter, ProviderError, RetryPolicy
 from sqlalchemy_eventbroker.testing import EventRecorder
 
-from .conftest import Harness
-from .models import User
+from .conftest import MARKER, Harness, assert_marker_never_logged
+from .models import Document, User
 
 database = pytest.importorskip("sqlalchemy_eventbroker.providers.database")
 
@@ -30,7 +31,7 @@ class _Outbox:
                              retry_policy=RetryPolicy(max_retries=0),
                              registry=self.registry).start()
         self.recorder = EventRecorder()
-        self.broker.subscribe("*.users.*", self.recorder)
+        self.broker.subscribe("*", self.recorder)
         h.capture(broker=self.broker)
 
     def stored(self) -> list[Any]:
@@ -105,15 +106,23 @@ def test_outbox__savepoint_rollback_removes_its_event_rows(h: Harness, outbox: _
 
 
 class _FailingProvider(database.DatabaseProvider):  # type: ignore[misc, name-defined]
-    """Runs a failing statement inside write_in_transaction (poisons a PG transaction)."""
+    """Fails inside write_in_transaction the way the contract allows: a failing statement
+    (which poisons a PostgreSQL transaction) inside the provider's own savepoint, then
+    ProviderError with the caller's transaction intact."""
 
-    def write_in_transaction(self, connection: Any, events: Any) -> None:
-        connection.exec_driver_sql("SELECT * FROM no_such_table_for_outbox")
+    def write_in_transaction(self, connection: Any, events: Sequence[Event], *,
+                             origin: str = "") -> None:
+        try:
+            with connection.begin_nested():
+                connection.exec_driver_sql("SELECT * FROM no_such_table_for_outbox")
+        except sa.exc.DBAPIError as exc:
+            raise ProviderError("outbox write failed") from exc
 
 
 def test_outbox__failing_write_never_fails_the_transaction(h: Harness) -> None:
-    """A failing outbox write is rolled back to its savepoint; data commits, events are
-    stored after commit instead, and the failure is counted."""
+    """A failing outbox write leaves the transaction usable (capture adds no savepoint of its
+    own: the provider isolates itself); data commits, the events are stored by the broker
+    after commit instead, and the failure is counted once."""
     box = _Outbox(h, _FailingProvider)
     try:
         h.tx(lambda s: (s.add(User(name="a")), s.flush(), s.add(User(name="b"))))
@@ -123,3 +132,22 @@ def test_outbox__failing_write_never_fails_the_transaction(h: Harness) -> None:
         assert box.capture_errors() == 1  # asked once per transaction, then fell back
     finally:
         box.close()
+
+
+def test_outbox__one_bad_event_is_dropped_alone(
+        h: Harness, outbox: _Outbox, caplog: pytest.LogCaptureFixture) -> None:
+    """Three rows in one flush, one holding U+0000 in its JSON value: the other two events are
+    written in the transaction and delivered; the bad one is logged without its data."""
+    caplog.set_level(logging.DEBUG, logger="sqlalchemy_eventbroker")
+    statements = h.count_statements()
+    h.tx(lambda s: s.add_all([Document(title="a"),
+                              Document(title="bad", body={"k": f"\u0000{MARKER}"}),
+                              Document(title="c", body={"k": "fine"})]))
+    inserts = [st for st in statements if "events" in st and st.lstrip().upper().startswith(
+        ("INSERT", "WITH"))]
+    assert len(inserts) == 1  # the good two, in the user's transaction
+    assert sorted(e.payload["title"] for e in outbox.stored()) == ["a", "c"]
+    assert sorted(e.payload["title"] for e in outbox.recorder.wait_for(2, timeout=10)) == [
+        "a", "c"]
+    assert outbox.capture_errors() == 1
+    assert_marker_never_logged(caplog)
