@@ -23,12 +23,15 @@ from collections.abc import Sequence
 from . import _report
 from ._report import FAIL, NA, PASS, Row
 
-MEASUREMENTS = ("capture", "dispatch", "crossprocess", "groups", "memory")
+MEASUREMENTS = ("capture", "dispatch", "crossprocess", "groups", "memory", "writers")
 #: Runs per measurement when --runs is not given. Timed figures are medians of 3 runs; the
 #: group drain (whose target is a count: nothing handled twice or lost) and the RSS growth
-#: run once. --quick keeps 3 runs for the cheap in-process figures, one for the rest.
-FULL_RUNS = {"capture": 3, "dispatch": 3, "crossprocess": 3, "groups": 1, "memory": 1}
-QUICK_RUNS = {"capture": 3, "dispatch": 3, "crossprocess": 1, "groups": 1, "memory": 1}
+#: run once; the concurrent writers run twice (about 80 s). --quick keeps 3 runs for the cheap
+#: in-process figures, one for the rest.
+FULL_RUNS = {"capture": 3, "dispatch": 3, "crossprocess": 3, "groups": 1, "memory": 1,
+             "writers": 2}
+QUICK_RUNS = {"capture": 3, "dispatch": 3, "crossprocess": 1, "groups": 1, "memory": 1,
+              "writers": 1}
 
 
 def _profile_failures(enabled: bool) -> callable:  # type: ignore[valid-type]
@@ -55,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller sizes (a minute or two)")
     ap.add_argument("--only", default="", help=f"comma-separated subset of {MEASUREMENTS}")
     ap.add_argument("--runs", type=int, default=None,
-                    help="runs per figure, the median is reported (default 3; 1 for groups, memory)")
+                    help="runs per figure, the median is reported (default 3; 2 for writers; "
+                         "1 for groups, memory)")
     ap.add_argument("--markdown", default="", metavar="PATH",
                     help="also write the report (machine, table, profiles) to PATH")
     ap.add_argument("--no-profile", action="store_true",

@@ -3,10 +3,12 @@
 One ``Session(expire_on_commit=False)`` writes ``n`` objects 100 per commit, then updates
 each of them (100 per commit), then deletes them (100 per commit); the figure is the mean
 time per operation over the 3·n operations. Baseline: the same session without capture.
-Variants: capture into a broker on a ``MemoryProvider`` with no subscriber, and (PostgreSQL)
-capture into a ``DatabaseProvider`` on the same database, whose rows are written in the
-session's own transaction (the outbox). Variants are interleaved run by run, each on freshly
-created tables, and the median of the runs is reported.
+Variants: capture into a broker on a ``MemoryProvider`` with no subscriber (SQLite and
+PostgreSQL), and (PostgreSQL) capture into a ``DatabaseProvider`` on the same database, whose
+rows are written in the session's own transaction (the outbox), at 100 rows per transaction
+and again at 1 row per transaction (``n_single`` objects, every insert, update and delete its
+own commit; against the plain ORM doing the same). Variants are interleaved run by run, each
+on freshly created tables, and the median of the runs is reported.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from ._env import PG_ADMIN_URL, fresh_pg_database, optional, reachable
 from ._report import Row, median, na_row, profile_call, ratio_row, us
 
 SECTION = "1. ORM capture overhead (mean per insert/update/delete)"
-TARGET_MEMORY = 1.2
-TARGET_OUTBOX = 1.6
+TARGET_MEMORY = 1.15
+#: Outbox targets by rows per transaction.
+TARGET_OUTBOX = {100: 1.35, 1: 1.25}
 PER_COMMIT = 100
 
 
@@ -51,24 +54,25 @@ class Item(Base):
     note: Mapped[str | None] = mapped_column(sa.Text, nullable=True)
 
 
-def workload(factory: sessionmaker[Session], n: int) -> tuple[float, float, float]:
-    """Seconds spent inserting, updating and deleting ``n`` objects, 100 per commit."""
+def workload(factory: sessionmaker[Session], n: int,
+             per_commit: int = PER_COMMIT) -> tuple[float, float, float]:
+    """Seconds spent inserting, updating and deleting ``n`` objects, ``per_commit`` per commit."""
     objs = [Item(name=f"user-{i}", email=f"user{i}@example.com", score=i, active=True,
                  note="created by the benchmark") for i in range(n)]
     with factory() as s:
         t0 = time.perf_counter()
-        for start in range(0, n, PER_COMMIT):
-            s.add_all(objs[start:start + PER_COMMIT])
+        for start in range(0, n, per_commit):
+            s.add_all(objs[start:start + per_commit])
             s.commit()
         t1 = time.perf_counter()
-        for start in range(0, n, PER_COMMIT):
-            for o in objs[start:start + PER_COMMIT]:
+        for start in range(0, n, per_commit):
+            for o in objs[start:start + per_commit]:
                 o.score += 1
                 o.name = o.name + "!"
             s.commit()
         t2 = time.perf_counter()
-        for start in range(0, n, PER_COMMIT):
-            for o in objs[start:start + PER_COMMIT]:
+        for start in range(0, n, per_commit):
+            for o in objs[start:start + per_commit]:
                 s.delete(o)
             s.commit()
         t3 = time.perf_counter()
@@ -92,8 +96,7 @@ def _variant(name: str, engine: sa.Engine, factory: sessionmaker[Session],
         database_provider, why = optional("providers.database", "DatabaseProvider")
         if database_provider is None:
             raise _Unavailable(why)
-        provider = database_provider(engine, table_name=f"events_{tag}",
-                                     channel=f"ebbench_{tag}")
+        provider = database_provider(engine, table_name=f"events_{tag}")
         provider.create_schema()
     broker = Broker(provider, registry=CollectorRegistry(), instance_id="bench",
                     close_provider=True)
@@ -113,18 +116,19 @@ class _Unavailable(Exception):
     pass
 
 
-def _measure(engine: sa.Engine, variant: str, n: int) -> tuple[float, float, float]:
+def _measure(engine: sa.Engine, variant: str, n: int,
+             per_commit: int = PER_COMMIT) -> tuple[float, float, float]:
     Base.metadata.drop_all(engine)
     Base.metadata.create_all(engine)
     factory = sessionmaker(engine, expire_on_commit=False)
     tag = uuid.uuid4().hex[:8]
     with _variant(variant, engine, factory, tag):
         gc.collect()
-        return workload(factory, n)
+        return workload(factory, n, per_commit)
 
 
 def _backend_rows(label: str, engine: sa.Engine, variants: list[str], n: int,
-                  runs: int) -> list[Row]:
+                  runs: int, per_commit: int = PER_COMMIT) -> list[Row]:
     times: dict[str, list[tuple[float, float, float]]] = {v: [] for v in variants}
     missing: dict[str, str] = {}
     for _ in range(runs):
@@ -132,7 +136,7 @@ def _backend_rows(label: str, engine: sa.Engine, variants: list[str], n: int,
             if v in missing:
                 continue
             try:
-                times[v].append(_measure(engine, v, n))
+                times[v].append(_measure(engine, v, n, per_commit))
             except _Unavailable as exc:
                 missing[v] = str(exc)
     ops = 3 * n
@@ -149,9 +153,10 @@ def _backend_rows(label: str, engine: sa.Engine, variants: list[str], n: int,
         return ", ".join(parts)
 
     rows = []
+    rows_per_tx = f"{per_commit} row{'s' if per_commit > 1 else ''} per transaction"
     titles = {"memory": f"{label}: capture → MemoryProvider, no subscriber",
-              "outbox": f"{label}: capture → DatabaseProvider outbox (same DB)"}
-    targets = {"memory": TARGET_MEMORY, "outbox": TARGET_OUTBOX}
+              "outbox": f"{label}: capture → DatabaseProvider outbox (same DB), {rows_per_tx}"}
+    targets = {"memory": TARGET_MEMORY, "outbox": TARGET_OUTBOX[per_commit]}
     plain = per_op("plain")
     for v in variants[1:]:
         if v in missing:
@@ -160,22 +165,25 @@ def _backend_rows(label: str, engine: sa.Engine, variants: list[str], n: int,
             continue
         row = ratio_row(SECTION, titles[v], per_op(v), plain, us, at_most=targets[v],
                         note=f"{n:,} objects; {phases(v)}")
-        row.profiler = _profiler(engine, v, min(n, 2_000))
+        row.profiler = _profiler(engine, v, min(n, 2_000), per_commit)
         rows.append(row)
     return rows
 
 
-def _profiler(engine: sa.Engine, variant: str, n: int) -> Callable[[], str]:
+def _profiler(engine: sa.Engine, variant: str, n: int,
+              per_commit: int = PER_COMMIT) -> Callable[[], str]:
     # Only called while the engine's database still exists: __main__ profiles right after
     # the measurement returns, inside run().
     def go() -> str:
-        return profile_call(lambda: _measure(engine, variant, n))
+        return profile_call(lambda: _measure(engine, variant, n, per_commit))
 
     return go
 
 
 def run(quick: bool, runs: int, profile_failures: Callable[[list[Row]], None]) -> list[Row]:
     n = 2_000 if quick else 20_000
+    #: Objects for the 1-row-per-transaction outbox row (3 commits per object).
+    n_single = 300 if quick else 1_500
     rows: list[Row] = []
     # SQLite file.
     tmp = tempfile.mkdtemp(prefix="ebbench-")
@@ -195,6 +203,10 @@ def run(quick: bool, runs: int, profile_failures: Callable[[list[Row]], None]) -
         engine = sa.create_engine(url)
         try:
             part = _backend_rows("PostgreSQL", engine, ["plain", "memory", "outbox"], n, runs)
+            profile_failures(part)
+            rows += part
+            part = _backend_rows("PostgreSQL", engine, ["plain", "outbox"], n_single, runs,
+                                 per_commit=1)
             profile_failures(part)
             rows += part
         finally:

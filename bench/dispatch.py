@@ -21,8 +21,8 @@ from sqlalchemy_eventbroker import Broker, Event, EventSource, MemoryProvider, Q
 from ._report import Row, median, profile_call, rate, ratio_row
 
 SECTION = "2. in-process dispatch (events/s)"
-TARGET_SYNC = 0.15
-TARGET_ASYNC = 0.10
+TARGET_SYNC = 0.2
+TARGET_ASYNC = 0.12
 
 
 def _events(n: int) -> list[Event]:
