@@ -41,7 +41,7 @@ def to_jsonable(value: object, _path: str = "payload") -> JSON:
         return value  # type: ignore[return-value]
     if cls is float:
         if not math.isfinite(value):  # type: ignore[arg-type]
-            raise PayloadError(f"{_path}: a non-finite float, which JSON cannot hold")
+            raise PayloadError(f"{_path}: {value!r} is not a finite number and JSON cannot hold it")
         return value  # type: ignore[return-value]
     if cls is dict:
         out: dict[str, JSON] = {}
@@ -80,7 +80,7 @@ def _convert(value: object, path: str) -> JSON:
         return value.total_seconds()
     if isinstance(value, Decimal):
         if not value.is_finite():
-            raise PayloadError(f"{path}: a non-finite Decimal, which JSON cannot hold")
+            raise PayloadError(f"{path}: {value!r} is not a finite number and JSON cannot hold it")
         return str(value)
     if isinstance(value, uuid.UUID):
         return str(value)

@@ -140,14 +140,15 @@ def test_stats__counts_statuses_publishing_and_subscribers() -> None:
         events = [_e("s.a") for _ in range(5)]
         for e in events:
             provider.store(e)
+        stream = provider.stream("s.*")
+        group = provider.group_stream("s.*", "g")
+        # publish() stores what it is given (replacing the stored copy), so statuses after.
+        provider.publish(events[0])
+        provider.publish(events[1])
         provider.update_status(events[0].id, EventStatus.PROCESSING)
         provider.update_status(events[1].id, EventStatus.COMPLETED)
         provider.update_status(events[2].id, EventStatus.COMPLETED)
         provider.update_status(events[3].id, EventStatus.FAILED, "x")
-        stream = provider.stream("s.*")
-        group = provider.group_stream("s.*", "g")
-        provider.publish(events[0])
-        provider.publish(events[1])
         assert stream.receive(timeout=1) is not None
         delivery = group.receive(timeout=1)
         assert delivery is not None

@@ -16,6 +16,7 @@ from sqlalchemy_eventbroker.errors import (
     PatternError,
     PayloadError,
     ProviderError,
+    PublishDepthExceeded,
     QueueFull,
     SubscriptionNotFound,
 )
@@ -31,6 +32,7 @@ CODES = {
     HandlerError: "handler_failed",
     ConfigError: "invalid_config",
     ProviderError: "provider_error",
+    PublishDepthExceeded: "publish_depth_exceeded",
 }
 
 
@@ -58,6 +60,7 @@ def test_hierarchy__all_subclass_broker_error(cls: type[BrokerError]) -> None:
         (PatternError, ValueError),
         (PayloadError, TypeError),
         (EventValidationError, ValueError),
+        (PublishDepthExceeded, RecursionError),
         (SubscriptionNotFound, LookupError),
         (ConfigError, ValueError),
     ],

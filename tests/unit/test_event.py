@@ -433,3 +433,44 @@ def test_from_json__not_an_event_object(text: str) -> None:
     """Text that is not a JSON object is an EventValidationError."""
     with pytest.raises(EventValidationError):
         Event.from_json(text)
+
+
+@pytest.mark.parametrize(
+    ("payload", "metadata", "path"),
+    [
+        ({"name": "se\x00cret"}, {}, "payload.name"),
+        ({"tags": ["ok", "se\x00cret"]}, {}, "payload.tags[1]"),
+        ({"se\x00cret": 1}, {}, "payload"),
+        ("se\x00cret", {}, "payload"),
+        ({"ok": 1}, {"note": {"deep": "se\x00cret"}}, "metadata.note.deep"),
+    ],
+)
+def test_validate__nul_refused_on_every_backend_naming_the_path(
+    payload: object, metadata: dict, path: str
+) -> None:
+    """U+0000 anywhere in payload or metadata is refused by validate() (PostgreSQL jsonb
+    cannot hold it, so every backend refuses it alike); the message names the path and
+    never quotes the text."""
+
+
+    e = new_event(EventSource.SYSTEM, "a.b.c")
+    e.payload = payload  # type: ignore[assignment]
+    e.metadata = metadata
+    with pytest.raises(PayloadError) as info:
+        e.validate()
+    assert path in str(info.value)
+    assert "secret" not in str(info.value) and "cret" not in str(info.value)
+
+
+def test_set_payload__unserializable_message_has_no_data() -> None:
+    """A value JSON cannot hold is named by type and path, never by its text."""
+
+
+    class Secret:
+        def __repr__(self) -> str:
+            return "hunter2"
+
+    e = new_event(EventSource.SYSTEM, "a.b.c")
+    with pytest.raises(PayloadError) as info:
+        e.set_payload({"x": Secret()})
+    assert "payload.x" in str(info.value) and "hunter2" not in str(info.value)
