@@ -14,7 +14,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import context
 
-from sqlalchemy_eventbroker.providers._db_schema import version_table_name
+from sqlalchemy_eventbroker.providers.database._schema import version_table_name
 
 config = context.config
 x_args = context.get_x_argument(as_dictionary=True)

@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from .errors import ProviderError
-    from .providers._db_schema import downgrade, upgrade
+    from .providers.database._schema import downgrade, upgrade
 
     try:
         if args.command == "upgrade":

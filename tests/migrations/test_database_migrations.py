@@ -17,7 +17,7 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 import sqlalchemy_eventbroker
-from sqlalchemy_eventbroker.providers import _db_schema
+from sqlalchemy_eventbroker.providers.database import _schema as _db_schema
 from sqlalchemy_eventbroker.providers.database import DatabaseProvider, downgrade, upgrade
 
 TABLES = {"events", "events_groups", "events_claims"}
@@ -145,7 +145,7 @@ def test_wheel_layout__migrations_found_inside_the_package(tmp_path: Path, sqlit
                     ignore=shutil.ignore_patterns("__pycache__"))
     code = (
         "import sqlalchemy_eventbroker, sys\n"
-        "from sqlalchemy_eventbroker.providers._db_schema import migrations_path, upgrade\n"
+        "from sqlalchemy_eventbroker.providers.database._schema import migrations_path, upgrade\n"
         "print(sqlalchemy_eventbroker.__file__); print(migrations_path())\n"
         "upgrade(sys.argv[1])\n"
     )
@@ -162,3 +162,46 @@ def test_wheel_layout__migrations_found_inside_the_package(tmp_path: Path, sqlit
         assert TABLES <= _tables(e)
     finally:
         e.dispose()
+
+
+def test_origin__0001_rows_stay_readable_after_upgrade_and_downgrade(engine: sa.Engine,
+                                                                   db_url: str) -> None:
+    """A row written under 0001 reads back after 0002 (origin NULL) and after downgrading
+    to 0001 again; the ``origin`` column comes and goes."""
+    upgrade(db_url, "0001_events")
+    t = sa.table("events", *(sa.column(c) for c in (
+        "id", "source", "type", "status", "retry_count", "error", "session_id",
+        "instance_id", "schema", "entity", "operation", "created_at", "metadata")))
+    e = sqlalchemy_eventbroker.new_event("database", "public.t.create")
+    with engine.begin() as conn:
+        conn.execute(t.insert().values(
+            id=e.id, source="database", type=e.type, status="pending", retry_count=0, error="",
+            session_id="", instance_id="", schema="", entity="", operation="",
+            created_at=e.created_at, metadata="{}"))
+    upgrade(db_url)
+    assert "origin" in {c["name"] for c in sa.inspect(engine).get_columns("events")}
+    with DatabaseProvider(db_url) as p:
+        got = p.get(e.id)
+        assert got is not None and got.type == e.type
+        p.store(sqlalchemy_eventbroker.new_event("database", "public.t.update"))
+    downgrade(db_url, "0001_events")
+    assert "origin" not in {c["name"] for c in sa.inspect(engine).get_columns("events")}
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one() == 2
+
+
+def test_drop_schema__mixed_case_table_leaves_other_version_tables_alone(db_url: str,
+                                                                       engine: sa.Engine) -> None:
+    """Identifiers are quoted: dropping a mixed-case table's schema drops exactly its tables
+    and its own version table, and leaves the default table's version table alone."""
+    with DatabaseProvider(db_url) as default, DatabaseProvider(db_url, table_name="AuditEvents") as mixed:
+        default.create_schema()
+        mixed.create_schema()
+        names = _tables(engine)
+        assert {"AuditEvents", "eventbroker_alembic_version_AuditEvents",
+                "eventbroker_alembic_version"} <= names
+        mixed.drop_schema()
+        names = _tables(engine)
+        assert not {"AuditEvents", "AuditEvents_groups", "AuditEvents_claims",
+                    "eventbroker_alembic_version_AuditEvents"} & names
+        assert TABLES | {"eventbroker_alembic_version"} <= names

@@ -4,8 +4,10 @@ Three tables per events table name ``<t>`` (default ``events``):
 
 ``<t>``
     One row per event: every :class:`~sqlalchemy_eventbroker.Event` field, plus ``seq`` (a
-    monotonically increasing ``bigint`` identity, the primary key) and, on PostgreSQL only,
-    ``tx_id`` (the inserting transaction's 64-bit id, see ``database.py`` for why).
+    monotonically increasing ``bigint`` identity, the primary key), ``origin`` (which broker
+    wrote the row, so that its own fan-out stream can skip it; NULL when untagged) and, on
+    PostgreSQL only, ``tx_id`` (the inserting transaction's 64-bit id, see the package
+    docstring for why).
 ``<t>_groups``
     One row per consumer group ``(group_name, pattern)``: how far into ``<t>`` the group has
     read (its cursor).
@@ -54,7 +56,7 @@ __all__ = [
 ]
 
 #: The newest migration in ``migrations/versions``; ``create_schema()`` stamps it.
-HEAD_REVISION = "0001_events"
+HEAD_REVISION = "0002_origin"
 
 #: The columns that hold an ``Event``'s fields, in ``Event`` field order.
 EVENT_COLUMNS = (
@@ -129,6 +131,8 @@ def build_tables(
         sa.Column("processed_at", ts, nullable=True),
         sa.Column("completed_at", ts, nullable=True),
         sa.Column("metadata", meta_type, nullable=False),
+        # Added by migration 0002 (hence last): the writing broker's origin, or NULL.
+        sa.Column("origin", sa.String(64), nullable=True),
         sa.UniqueConstraint("id", name=f"uq_{t}_id"),
         sa.Index(f"ix_{t}_type", "type"),
         sa.Index(f"ix_{t}_status", "status"),
@@ -156,7 +160,7 @@ def build_tables(
         sa.Column("cursor_tx", sa.BigInteger(), nullable=False),
         sa.Column("cursor_seq", sa.BigInteger(), nullable=False),
         # PostgreSQL: the snapshot taken when the group was created (rows visible in it are
-        # "before" the group); see database._Start.
+        # "before" the group); see _reader.Start.
         sa.Column("start_snapshot", sa.Text(), nullable=True),
         sa.Column("created_at", ts, nullable=False),
         sa.UniqueConstraint("group_name", "pattern", name=f"uq_{t}_groups_name_pattern"),
@@ -203,7 +207,7 @@ def migrations_path() -> Path:
     packaged = Path(str(importlib.resources.files("sqlalchemy_eventbroker"))) / "migrations"
     if (packaged / "env.py").is_file():
         return packaged
-    checkout = Path(__file__).resolve().parents[2] / "migrations"
+    checkout = Path(__file__).resolve().parents[3] / "migrations"
     if (checkout / "env.py").is_file():
         return checkout
     raise FileNotFoundError(
