@@ -38,7 +38,6 @@ expected and what was found:
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -46,6 +45,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote
 
+from ._config_values import (
+    as_bool,
+    as_choice,
+    as_float,
+    as_int,
+    as_str,
+    fail,
+    parse_duration,
+    set_field,
+)
 from ._types import JSON
 from .errors import ConfigError
 from .retry import RetryPolicy
@@ -73,118 +82,6 @@ PROVIDERS: tuple[str, ...] = ("memory", "database", "redis", "nats")
 MODES: tuple[str, ...] = ("sync", "async")
 
 
-# -- value checkers ------------------------------------------------------------------------
-#
-# Each takes the raw value and its dotted path and returns the normalised value or raises
-# ConfigError. The dataclasses run them in __post_init__, so objects built in Python are
-# checked exactly like loaded ones.
-
-
-def _fail(path: str, expected: str, value: object) -> ConfigError:
-    return ConfigError(f"{path}: expected {expected}, got {value!r}", path=path)
-
-
-def _as_int(value: object, path: str, *, minimum: int, maximum: int | None = None) -> int:
-    expected = f"int >= {minimum}" if maximum is None else f"int from {minimum} to {maximum}"
-    result: int
-    if isinstance(value, bool):
-        raise _fail(path, expected, value)
-    if isinstance(value, int):
-        result = value
-    elif (isinstance(value, float) and value.is_integer()) or (
-        isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value)
-    ):
-        result = int(value)
-    else:
-        raise _fail(path, expected, value)
-    if result < minimum or (maximum is not None and result > maximum):
-        raise _fail(path, expected, value)
-    return result
-
-
-def _as_float(value: object, path: str, *, minimum: float) -> float:
-    expected = f"a number >= {minimum:g}"
-    result: float
-    if isinstance(value, bool):
-        raise _fail(path, expected, value)
-    if isinstance(value, int | float):
-        result = float(value)
-    elif isinstance(value, str):
-        try:
-            result = float(value)
-        except ValueError:
-            raise _fail(path, expected, value) from None
-    else:
-        raise _fail(path, expected, value)
-    if not math.isfinite(result) or result < minimum:
-        raise _fail(path, expected, value)
-    return result
-
-
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0"}
-
-
-def _as_bool(value: object, path: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in _TRUE:
-            return True
-        if text in _FALSE:
-            return False
-    raise _fail(path, "a boolean (true or false)", value)
-
-
-def _as_str(value: object, path: str, *, required: bool = True) -> str:
-    # Numbers are accepted because YAML turns `instance_id: 42` into an int.
-    if isinstance(value, bool) or (value is not None and not isinstance(value, str | int | float)):
-        raise _fail(path, "a string", value)
-    text = "" if value is None else str(value)
-    if required and not text.strip():
-        raise _fail(path, "a non-empty string", value)
-    return text
-
-
-def _as_choice(value: object, path: str, choices: tuple[str, ...]) -> str:
-    expected = "one of " + ", ".join(choices)
-    if isinstance(value, str) and value.strip().lower() in choices:
-        return value.strip().lower()
-    raise _fail(path, expected, value)
-
-
-_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-_DURATION_EXPECTED = "a duration (seconds, or a number with ms, s, m, h or d such as '500ms' or '2m')"
-
-
-def parse_duration(value: object, path: str = "duration", *, positive: bool = False) -> float:
-    """Seconds in ``value``: a number, or a string such as ``"500ms"``, ``"1s"``, ``"2m"``,
-    ``"24h"``, ``"1d"`` (a bare number string means seconds).
-
-    Raises:
-        ConfigError: the value is not a duration, or is negative (or zero when ``positive``).
-    """
-    expected = _DURATION_EXPECTED + (" > 0" if positive else "")
-    seconds: float
-    if isinstance(value, bool):
-        raise _fail(path, expected, value)
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str) and (m := _DURATION.fullmatch(value)):
-        seconds = float(m.group(1)) * _UNITS[m.group(2)]
-    else:
-        raise _fail(path, expected, value)
-    if not math.isfinite(seconds) or seconds < 0 or (positive and seconds == 0):
-        raise _fail(path, expected, value)
-    return seconds
-
-
-def _set(obj: object, name: str, value: object) -> None:
-    object.__setattr__(obj, name, value)
-
-
 # -- sections ------------------------------------------------------------------------------
 
 
@@ -201,10 +98,10 @@ class MemoryConfig:
 
     def __post_init__(self) -> None:
         p = f"{ROOT}.memory"
-        _set(self, "max_events", _as_int(self.max_events, f"{p}.max_events", minimum=1))
-        _set(self, "cleanup_interval",
-             parse_duration(self.cleanup_interval, f"{p}.cleanup_interval", positive=True))
-        _set(self, "max_age", parse_duration(self.max_age, f"{p}.max_age"))
+        set_field(self, "max_events", as_int(self.max_events, f"{p}.max_events", minimum=1))
+        set_field(self, "cleanup_interval",
+                  parse_duration(self.cleanup_interval, f"{p}.cleanup_interval", positive=True))
+        set_field(self, "max_age", parse_duration(self.max_age, f"{p}.max_age"))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -220,11 +117,11 @@ class DatabaseConfig:
 
     def __post_init__(self) -> None:
         p = f"{ROOT}.database"
-        _set(self, "url", _as_str(self.url, f"{p}.url", required=False))
-        _set(self, "table_name", _as_str(self.table_name, f"{p}.table_name"))
+        set_field(self, "url", as_str(self.url, f"{p}.url", required=False))
+        set_field(self, "table_name", as_str(self.table_name, f"{p}.table_name"))
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.table_name):
-            raise _fail(f"{p}.table_name", "a table name (letters, digits, _)", self.table_name)
-        _set(self, "channel", _as_str(self.channel, f"{p}.channel"))
+            raise fail(f"{p}.table_name", "a table name (letters, digits, _)", self.table_name)
+        set_field(self, "channel", as_str(self.channel, f"{p}.channel"))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -240,12 +137,12 @@ class RedisConfig:
 
     def __post_init__(self) -> None:
         p = f"{ROOT}.redis"
-        _set(self, "host", _as_str(self.host, f"{p}.host"))
-        _set(self, "port", _as_int(self.port, f"{p}.port", minimum=1, maximum=65535))
-        _set(self, "db", _as_int(self.db, f"{p}.db", minimum=0))
-        _set(self, "password", _as_str(self.password, f"{p}.password", required=False))
-        _set(self, "stream_name", _as_str(self.stream_name, f"{p}.stream_name"))
-        _set(self, "consumer_group", _as_str(self.consumer_group, f"{p}.consumer_group"))
+        set_field(self, "host", as_str(self.host, f"{p}.host"))
+        set_field(self, "port", as_int(self.port, f"{p}.port", minimum=1, maximum=65535))
+        set_field(self, "db", as_int(self.db, f"{p}.db", minimum=0))
+        set_field(self, "password", as_str(self.password, f"{p}.password", required=False))
+        set_field(self, "stream_name", as_str(self.stream_name, f"{p}.stream_name"))
+        set_field(self, "consumer_group", as_str(self.consumer_group, f"{p}.consumer_group"))
 
     @property
     def url(self) -> str:
@@ -264,8 +161,8 @@ class NatsConfig:
 
     def __post_init__(self) -> None:
         p = f"{ROOT}.nats"
-        _set(self, "url", _as_str(self.url, f"{p}.url"))
-        _set(self, "stream_name", _as_str(self.stream_name, f"{p}.stream_name"))
+        set_field(self, "url", as_str(self.url, f"{p}.url"))
+        set_field(self, "stream_name", as_str(self.stream_name, f"{p}.stream_name"))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -282,28 +179,28 @@ class MetricsConfig:
 
     def __post_init__(self) -> None:
         p = f"{ROOT}.metrics"
-        _set(self, "enabled", _as_bool(self.enabled, f"{p}.enabled"))
-        _set(self, "port", _as_int(self.port, f"{p}.port", minimum=0, maximum=65535))
-        _set(self, "addr", _as_str(self.addr, f"{p}.addr"))
+        set_field(self, "enabled", as_bool(self.enabled, f"{p}.enabled"))
+        set_field(self, "port", as_int(self.port, f"{p}.port", minimum=0, maximum=65535))
+        set_field(self, "addr", as_str(self.addr, f"{p}.addr"))
 
 
 def _check_retry_policy(value: object, path: str) -> RetryPolicy:
     if isinstance(value, RetryPolicy):
         return value
     if not isinstance(value, Mapping):
-        raise _fail(path, "a mapping", value)
+        raise fail(path, "a mapping", value)
     _reject_unknown(value, ("max_retries", "initial_delay", "max_delay", "backoff_factor",
                             "jitter"), path)
     d = RetryPolicy()
     return RetryPolicy(
-        max_retries=_as_int(value.get("max_retries", d.max_retries), f"{path}.max_retries",
+        max_retries=as_int(value.get("max_retries", d.max_retries), f"{path}.max_retries",
                             minimum=0),
         initial_delay=parse_duration(value.get("initial_delay", d.initial_delay),
                                      f"{path}.initial_delay"),
         max_delay=parse_duration(value.get("max_delay", d.max_delay), f"{path}.max_delay"),
-        backoff_factor=_as_float(value.get("backoff_factor", d.backoff_factor),
+        backoff_factor=as_float(value.get("backoff_factor", d.backoff_factor),
                                  f"{path}.backoff_factor", minimum=1.0),
-        jitter=_as_bool(value.get("jitter", d.jitter), f"{path}.jitter"),
+        jitter=as_bool(value.get("jitter", d.jitter), f"{path}.jitter"),
     )
 
 
@@ -340,15 +237,15 @@ class EventBrokerConfig:
 
     def __post_init__(self) -> None:
         p = ROOT
-        _set(self, "enabled", _as_bool(self.enabled, f"{p}.enabled"))
-        _set(self, "provider", _as_choice(self.provider, f"{p}.provider", PROVIDERS))
-        _set(self, "mode", _as_choice(self.mode, f"{p}.mode", MODES))
-        _set(self, "worker_count", _as_int(self.worker_count, f"{p}.worker_count", minimum=1))
-        _set(self, "buffer_size", _as_int(self.buffer_size, f"{p}.buffer_size", minimum=1))
-        _set(self, "instance_id", _as_str(self.instance_id, f"{p}.instance_id", required=False))
-        _set(self, "retry_policy", _check_retry_policy(self.retry_policy, f"{p}.retry_policy"))
+        set_field(self, "enabled", as_bool(self.enabled, f"{p}.enabled"))
+        set_field(self, "provider", as_choice(self.provider, f"{p}.provider", PROVIDERS))
+        set_field(self, "mode", as_choice(self.mode, f"{p}.mode", MODES))
+        set_field(self, "worker_count", as_int(self.worker_count, f"{p}.worker_count", minimum=1))
+        set_field(self, "buffer_size", as_int(self.buffer_size, f"{p}.buffer_size", minimum=1))
+        set_field(self, "instance_id", as_str(self.instance_id, f"{p}.instance_id", required=False))
+        set_field(self, "retry_policy", _check_retry_policy(self.retry_policy, f"{p}.retry_policy"))
         for name, cls in _SECTIONS.items():
-            _set(self, name, _section(getattr(self, name), cls, f"{p}.{name}"))
+            set_field(self, name, _section(getattr(self, name), cls, f"{p}.{name}"))
         if self.provider == "database" and not self.database.url.strip():
             raise ConfigError(
                 f"{p}.database.url: expected a database URL when provider is 'database', got ''",
@@ -394,7 +291,7 @@ def _section(value: object, cls: type[Any], path: str) -> Any:
     if value is None:
         return cls()
     if not isinstance(value, Mapping):
-        raise _fail(path, "a mapping", value)
+        raise fail(path, "a mapping", value)
     names = tuple(f.name for f in dataclasses.fields(cls))
     _reject_unknown(value, names, path)
     return cls(**{str(k): v for k, v in value.items()})
@@ -538,7 +435,7 @@ def load_config(
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
-            raise _fail(ROOT, "a mapping of options", data)
+            raise fail(ROOT, "a mapping of options", data)
     for key in data:
         if not isinstance(key, str):
             raise ConfigError(f"{ROOT}.{key}: keys must be strings", path=f"{ROOT}.{key}")
