@@ -288,3 +288,47 @@ def test_captured_transaction__larger_than_the_queue_in_memory() -> None:
         gate.set()
         handle.remove()
         broker.stop()
+
+
+def test_captured_transaction__postgres_sees_no_notify_inside_it(postgres_url: str) -> None:
+    """On PostgreSQL a captured transaction with outbox rows commits without NOTIFY: every
+    notification the server delivers on the channel comes from another backend (the
+    provider's announcer), never from the application's connection."""
+    import psycopg
+
+    from sqlalchemy_eventbroker.providers.database import DatabaseProvider
+
+    engine = sa.create_engine(postgres_url)
+    _Base.metadata.create_all(engine)
+    provider = DatabaseProvider(engine, table_name="wp_notify", channel="wp_notify_channel")
+    provider.create_schema()
+    broker = Broker(provider, mode="sync", registry=CollectorRegistry()).start()
+    factory = sessionmaker(engine)
+    handle = register_crud_hooks(factory, broker=broker)
+    url = sa.make_url(postgres_url)
+    listener = psycopg.connect(host=url.host, port=url.port or 5432, dbname=url.database,
+                               user=url.username or "postgres", autocommit=True)
+    try:
+        listener.execute("LISTEN wp_notify_channel")
+        app_pids: set[int] = set()
+        for i in range(5):
+            with factory() as s, s.begin():
+                app_pids.add(s.execute(sa.text("SELECT pg_backend_pid()")).scalar_one())
+                s.add(_Row(name=f"n{i}"))
+        assert len(provider.list(EventFilter(type_pattern="*.wp_rows.create"))) == 5
+        senders: set[int] = set()
+        deadline = time.monotonic() + 10
+        while not senders and time.monotonic() < deadline:
+            for note in listener.notifies(timeout=0.5, stop_after=1):
+                senders.add(note.pid)
+        assert senders, "the announcer sent no wake-up after the commits"
+        assert not senders & app_pids, (senders, app_pids)
+    finally:
+        listener.close()
+        handle.remove()
+        broker.stop()
+        provider.drop_schema()
+        provider.close()
+        with Session(engine) as s, s.begin():
+            s.execute(sa.text("DROP TABLE IF EXISTS wp_rows"))
+        engine.dispose()
