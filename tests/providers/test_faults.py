@@ -35,7 +35,7 @@ import pytest
 
 from sqlalchemy_eventbroker import Broker, Event, EventStatus, new_event
 from sqlalchemy_eventbroker.errors import ProviderError
-from sqlalchemy_eventbroker.providers.base import Provider
+from sqlalchemy_eventbroker.providers.base import BusProvider, Provider
 from sqlalchemy_eventbroker.testing import EventRecorder
 
 pytestmark = pytest.mark.slow
@@ -118,9 +118,10 @@ def nats_server(tmp_path: Path) -> Iterator[_Server]:
 
 
 class _Load:
-    """Publishes continuously from a thread; remembers which publishes returned normally."""
+    """Publishes continuously from a thread, as a broker does (``store_and_publish_many``);
+    remembers which publishes returned normally."""
 
-    def __init__(self, provider: Provider) -> None:
+    def __init__(self, provider: BusProvider) -> None:
         self.provider = provider
         self.ok: list[tuple[float, str]] = []  # (monotonic time it returned, id)
         self.failed = 0
@@ -133,8 +134,7 @@ class _Load:
             e = new_event("database", "public.orders.create", {"i": i})
             i += 1
             try:
-                self.provider.store(e)
-                self.provider.publish(e)
+                self.provider.store_and_publish_many([e])  # the broker's one write
                 self.ok.append((time.monotonic(), e.id))
             except ProviderError:
                 self.failed += 1

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from sqlalchemy_eventbroker.errors import ProviderError
+from sqlalchemy_eventbroker.providers._urls import redact_url
 from sqlalchemy_eventbroker.providers.redis import RedisProvider
 
 from .conformance import ProviderConformance, ProviderFactory
@@ -46,6 +47,34 @@ def test_password_is_not_shown() -> None:
     assert "s3cret" not in str(info.value) and "127.0.0.1:1" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://user:s3cret@h:6379/0", "redis://user:***@h:6379/0"),
+        ("redis://:s3cret@h/0", "redis://:***@h/0"),
+        ("rediss://u:p@ss@h/0", "rediss://u:***@h/0"),
+        ("nats://s3cret@h:4222", "nats://***@h:4222"),
+        ("u:s3cret@h:4222", "u:***@h:4222"),
+        ("nats://a:s3cret@h1:4222,nats://b:s3cret@h2:4222",
+         "nats://a:***@h1:4222,nats://b:***@h2:4222"),
+        ("postgresql://h/db?password=s3cret&sslpassword=s3cret&x=1",
+         "postgresql://h/db?password=***&sslpassword=***&x=1"),
+        ("redis://h:6379/0?x=a@b", "redis://h:6379/0?x=a@b"),
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+    ],
+)
+def test_redact_url__masks_every_secret(url: str, shown: str) -> None:
+    """Passwords, lone tokens and password query values never reach a message or ``repr``."""
+    assert redact_url(url) == shown
+
+
+def test_repr__hides_the_password(redis_url: str, unique_name: str) -> None:
+    """``repr`` names the server and stream, with the password masked."""
+    url = redis_url.replace("redis://", "redis://:s3cret@", 1)  # the test server ignores it
+    with RedisProvider(url, stream_name=f"test:{unique_name}", connect_timeout=1) as p:
+        assert "s3cret" not in repr(p) and ":***@" in repr(p) and unique_name in repr(p)
+
+
 def test_max_events__evicts_the_oldest(redis_url: str, unique_name: str) -> None:
     """Past ``max_events`` the oldest stored events go, counters stay exact."""
     from sqlalchemy_eventbroker import EventFilter, new_event
@@ -53,7 +82,7 @@ def test_max_events__evicts_the_oldest(redis_url: str, unique_name: str) -> None
     with RedisProvider(redis_url, stream_name=f"test:{unique_name}", max_events=10) as p:
         try:
             events = [new_event("database", "public.t.create") for _ in range(15)]
-            p.store_many(events)
+            p.store_and_publish_many(events)
             assert [e.id for e in p.list(EventFilter())] == [e.id for e in events[5:]]
             assert p.get(events[0].id) is None
             assert p.stats().total_events == p.stats().pending_events == 10
@@ -67,7 +96,8 @@ def test_maxlen__trims_the_stream_approximately(redis_url: str, unique_name: str
 
     with RedisProvider(redis_url, stream_name=f"test:{unique_name}", maxlen=100) as p:
         try:
-            p.publish_many([new_event("database", "public.t.create") for _ in range(1000)])
+            p.store_and_publish_many([new_event("database", "public.t.create")
+                                      for _ in range(1000)])
             length = p.stats().provider_specific["stream_length"]
             assert 100 <= length < 300  # type: ignore[operator]
         finally:
