@@ -17,8 +17,8 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 import sqlalchemy_eventbroker
-from sqlalchemy_eventbroker.providers.database import _schema as _db_schema
 from sqlalchemy_eventbroker.providers.database import DatabaseProvider, downgrade, upgrade
+from sqlalchemy_eventbroker.providers.database import _schema as _db_schema
 
 TABLES = {"events", "events_groups", "events_claims"}
 

@@ -77,10 +77,12 @@ def write(url: str, count: int, pause: float = 0.0) -> None:
     Base.metadata.create_all(engine)
     with DatabaseProvider(engine) as p:
         for n in range(count):
+            events = [new_event("database", "public.xp_items.create", {"n": n})]
             with Session(engine) as s, s.begin():
                 s.add(Item(n=n))
                 s.flush()
-                p.write_in_transaction(s.connection(), [new_event("database", "public.xp_items.create", {"n": n})])
+                p.write_in_transaction(s.connection(), events)
+            p.announce_committed(events)  # as the broker does after the commit
             if n % 25 == 0:
                 say("AT", n)
             if pause:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -16,10 +17,10 @@ import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from sqlalchemy_eventbroker import EventFilter, EventStatus, matches, new_event
-from sqlalchemy_eventbroker.errors import EventValidationError, ProviderError
+from sqlalchemy_eventbroker.errors import EventValidationError, PayloadError, ProviderError
 from sqlalchemy_eventbroker.event import Event
 from sqlalchemy_eventbroker.providers import database
-from sqlalchemy_eventbroker.providers.database import DatabaseProvider
+from sqlalchemy_eventbroker.providers.database import DatabaseProvider, _listener
 
 from .conformance import ProviderConformance, ProviderFactory
 
@@ -205,6 +206,7 @@ def test_commit_order__many_concurrent_writers_lose_nothing(pg: DatabaseProvider
             batch = [_ev(w=k, i=i, j=j) for j in range(3)]
             with pg.engine.begin() as conn:
                 pg.write_in_transaction(conn, batch)
+            pg.announce_committed(batch)
             with lock:
                 sent.extend(e.id for e in batch)
 
@@ -232,7 +234,7 @@ def test_update_status_many__one_statement_same_semantics_as_update_status(
     from sqlalchemy_eventbroker.providers.base import StatusUpdate
 
     events = [_ev(i=i) for i in range(6)]
-    provider.store_many(events)
+    provider.store_and_publish_many(events)
     provider.update_status(events[2].id, EventStatus.PROCESSING)
     before = provider.get(events[2].id)
     assert before is not None and before.processed_at is not None
@@ -289,15 +291,16 @@ def test_outbox__one_statement_per_call_and_rollback_leaves_nothing(
         tx = conn.begin()
         provider.write_in_transaction(conn, events)
         tx.rollback()
-    inserts = [st for st in statements if "INSERT" in st.upper()]
-    assert len(inserts) == 1  # (+ SAVEPOINT/RELEASE on PostgreSQL, in the same round trip)
+    own = [st for st in statements
+           if not re.match(r"\s*(SAVEPOINT|RELEASE|ROLLBACK TO|BEGIN)\b", st, re.IGNORECASE)]
+    assert len(own) == 1 and "INSERT" in own[0].upper()  # (+ the savepoint's statements)
     assert provider.list(EventFilter()) == []
     assert stream.receive(timeout=0.3) is None
     with provider.engine.begin() as conn:
         provider.write_in_transaction(conn, events)
+    provider.announce_committed(events)
     got = _drain(stream, 50)
     assert [e.id for e in got] == [e.id for e in events]
-    provider.publish_many(events)  # the broker may still call publish: nothing travels twice
     assert stream.receive(timeout=0.3) is None
 
 
@@ -321,64 +324,181 @@ def test_outbox__data_and_events_commit_together(provider: DatabaseProvider) -> 
 
 
 def test_outbox__failing_write_leaves_the_callers_transaction_usable(
-    pg: DatabaseProvider,
+    provider: DatabaseProvider,
 ) -> None:
     """A write that fails inside the database (here: a duplicate id) undoes only itself:
     ProviderError, and the caller's earlier and later work in the transaction commits."""
-    Base.metadata.create_all(pg.engine)
+    Base.metadata.create_all(provider.engine)
     try:
         stored = _ev(n=0)
-        pg.store(stored)
-        with Session(pg.engine) as s, s.begin():
+        provider.store(stored)
+        with Session(provider.engine) as s, s.begin():
             s.add(Item(name="before"))
             s.flush()
             good = _ev(n=1)
-            pg.write_in_transaction(s.connection(), [good])
+            provider.write_in_transaction(s.connection(), [good])
             with pytest.raises(ProviderError):
-                pg.write_in_transaction(s.connection(), [_ev(n=2), stored])
+                provider.write_in_transaction(s.connection(), [_ev(n=2), stored])
             s.add(Item(name="after"))
             s.flush()
             again = _ev(n=3)
-            pg.write_in_transaction(s.connection(), [again])
-        with Session(pg.engine) as s:
+            provider.write_in_transaction(s.connection(), [again])
+        with Session(provider.engine) as s:
             assert sorted(i.name for i in s.query(Item)) == ["after", "before"]
-        ids = {e.id for e in pg.list(EventFilter())}
+        ids = {e.id for e in provider.list(EventFilter())}
         assert ids == {stored.id, good.id, again.id}
     finally:
-        Base.metadata.drop_all(pg.engine)
+        Base.metadata.drop_all(provider.engine)
 
 
-def test_outbox__declares_itself_isolated() -> None:
-    """Capture skips its own savepoint only for the class that declares the isolation."""
-    from sqlalchemy_eventbroker.capture import _isolates_itself
-
-    class Overrides(DatabaseProvider):
-        def write_in_transaction(self, connection: Any, events: Any) -> None: ...
-
-    class Inherits(DatabaseProvider):
-        pass
-
-    def make(cls: type, is_postgres: bool) -> Any:
-        obj = object.__new__(cls)
-        obj.is_postgres = is_postgres
-        return obj
-
-    assert _isolates_itself(make(DatabaseProvider, True))
-    assert _isolates_itself(make(Inherits, True))
-    assert not _isolates_itself(make(Overrides, True))
-    assert not _isolates_itself(make(DatabaseProvider, False))  # SQLite: capture's savepoint
+def _listen(p: DatabaseProvider) -> psycopg.Connection[Any]:
+    """A plain psycopg connection LISTENing on the provider's channel."""
+    cargs = p.engine.url.translate_connect_args(username="user", database="dbname")
+    conn = psycopg.connect(**cargs, autocommit=True)
+    conn.execute(f'LISTEN "{p.channel}"')
+    return conn
 
 
-def test_outbox__one_notify_per_transaction(pg: DatabaseProvider) -> None:
-    """Three flushes in one transaction wake a listener once, with the table name as hint."""
-    cargs = pg.engine.url.translate_connect_args(username="user", database="dbname")
-    with psycopg.connect(**cargs, autocommit=True) as listen:
-        listen.execute(f'LISTEN "{pg.channel}"')
-        with pg.engine.begin() as conn:
+def _notifications(listen: psycopg.Connection[Any], done: Callable[[list[Any]], bool],
+                   timeout: float = 5.0) -> list[Any]:
+    """Notifications received until ``done(received)`` or the deadline (then whatever came)."""
+    got: list[Any] = []
+    deadline = time.monotonic() + timeout
+    while not done(got) and (left := deadline - time.monotonic()) > 0:
+        got += list(listen.notifies(timeout=min(left, 0.05)))
+    return got
+
+
+def test_outbox__no_notify_inside_the_application_transaction(pg: DatabaseProvider) -> None:
+    """Three flushes in one application transaction: the server sees no NOTIFY from that
+    connection; after commit ``announce_committed`` makes the announcer send the wake-up."""
+    with _listen(pg) as listen:
+        with pg.engine.connect() as conn:
+            app_pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
             for i in range(3):
                 pg.write_in_transaction(conn, [_ev(i=i), _ev(i=i)])
-        got = list(listen.notifies(timeout=0.5))
-    assert [(n.channel, n.payload) for n in got] == [(pg.channel, pg.table_name)]
+            conn.commit()
+        assert list(listen.notifies(timeout=0.2)) == []  # committed, nothing announced yet
+        pg.announce_committed([_ev()])
+        got = _notifications(listen, bool)
+    assert got, "the announcer never notified"
+    assert all(n.pid != app_pid for n in got)
+    assert all((n.channel, n.payload) == (pg.channel, pg.table_name) for n in got)
+    assert {n.pid for n in got} == {pg.stats().provider_specific["announcer_pid"]}
+
+
+def test_store_and_publish_many__notify_comes_from_the_announcer_only(pg: DatabaseProvider) -> None:
+    """The insert statement notifies nothing: every wake-up comes from another backend."""
+    writers: set[int] = set()
+
+    def seen(conn: Any, cursor: Any, statement: str, *rest: Any) -> None:
+        if statement.lstrip().upper().startswith("INSERT"):
+            writers.add(conn.connection.driver_connection.info.backend_pid)
+
+    sa.event.listen(pg.engine, "before_cursor_execute", seen)
+    try:
+        with _listen(pg) as listen:
+            pg.store_and_publish_many([_ev(i=i) for i in range(5)])
+            got = _notifications(listen, bool)
+    finally:
+        sa.event.remove(pg.engine, "before_cursor_execute", seen)
+    assert writers and got
+    assert not {n.pid for n in got} & writers
+    assert pg.stats().total_events == 5
+
+
+def test_announcer__concurrent_commits_coalesce(pg: DatabaseProvider) -> None:
+    """200 commits from 8 threads, each announced: fewer notifications than commits, at
+    least one, none from an application connection, and every event delivered."""
+    import threading
+
+    stream = pg.stream("*")
+    app_pids: set[int] = set()
+    lock = threading.Lock()
+
+    def writer(k: int) -> None:
+        for i in range(25):
+            batch = [_ev(w=k, i=i)]
+            with pg.engine.begin() as conn:
+                pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+                pg.write_in_transaction(conn, batch)
+            pg.announce_committed(batch)
+            with lock:
+                app_pids.add(pid)
+
+    with _listen(pg) as listen:
+        threads = [threading.Thread(target=writer, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        got = _notifications(
+            listen, lambda got: bool(got) and len(got) == pg.stats().provider_specific["announcements"]
+        )
+    assert 1 <= len(got) < 200
+    assert not {n.pid for n in got} & app_pids
+    assert len(_drain(stream, 200, timeout=10)) == 200
+
+
+def test_announcer__terminated_connection_reconnects(postgres_url: str) -> None:
+    """``pg_terminate_backend`` on the announcer's connection: the next wake-up still goes
+    out (from a new connection), well before a long backstop would have read."""
+    with DatabaseProvider(postgres_url, backstop_interval=60) as writer, \
+            DatabaseProvider(postgres_url, backstop_interval=60) as reader:
+        writer.create_schema()
+        stream = reader.stream("*")
+        _until(lambda: reader.stats().provider_specific["listener"] == "notify", what="LISTEN")
+        first = _ev(n=1)
+        writer.store_and_publish_many([first])
+        assert [e.id for e in _drain(stream, 1)] == [first.id]
+        _until(lambda: writer.stats().provider_specific["announcer_pid"] is not None,
+               what="the announcer's connection")
+        old = writer.stats().provider_specific["announcer_pid"]
+        with writer.engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": old}).scalar()
+        second = _ev(n=2)
+        writer.store_and_publish_many([second])
+        assert [e.id for e in _drain(stream, 1, timeout=10)] == [second.id]
+        assert writer.stats().provider_specific["announcer_pid"] not in (None, old)
+
+
+def test_backstop__lost_wake_up_delays_delivery_never_loses_it(postgres_url: str) -> None:
+    """A writer whose announcer is gone (it died before announcing): a listener and a group
+    member in another provider instance still get the event within the backstop interval."""
+    with DatabaseProvider(postgres_url, backstop_interval=0.3) as reader, \
+            DatabaseProvider(postgres_url) as writer:
+        reader.create_schema()
+        stream = reader.stream("*")
+        member = reader.group_stream("*", "backstop", lease=5)
+        _until(lambda: reader.stats().provider_specific["listener"] == "notify", what="LISTEN")
+        assert member.receive(timeout=0.1) is None
+        assert writer._announcer is not None
+        writer._announcer.stop()  # every later wake-up of the writer is lost
+        e = _ev()
+        t0 = time.monotonic()
+        writer.store_and_publish_many([e])
+        assert [x.id for x in _drain(stream, 1, timeout=3)] == [e.id]
+        assert time.monotonic() - t0 < 0.3 + 1.5
+        d = member.receive(timeout=3)
+        assert d is not None and d.event.id == e.id
+        d.ack()
+        assert writer.stats().provider_specific["announcements"] == 0
+
+
+def test_write__unstorable_payload_names_the_event_never_the_data(provider: DatabaseProvider) -> None:
+    """A payload the backend cannot hold fails before any SQL, naming the event's id and
+    never the payload; nothing of the batch is written and the caller's transaction goes on."""
+    good, bad = _ev(n=1), _ev(n=2)
+    bad.payload = {"note": "secret\x00value"}
+    with pytest.raises(PayloadError) as info:
+        provider.store_and_publish_many([good, bad])
+    assert bad.id in str(info.value) and "secret" not in str(info.value)
+    assert provider.get(good.id) is None
+    with provider.engine.begin() as conn:
+        with pytest.raises(PayloadError, match=bad.id):
+            provider.write_in_transaction(conn, [good, bad])
+        provider.write_in_transaction(conn, [good])
+    assert provider.get(good.id) == good
 
 
 def test_shares_transaction__same_database_only(db_url: str, provider: DatabaseProvider,
@@ -464,7 +584,7 @@ def test_list__type_pattern_in_sql_matches_the_pattern_rules(
         e = _ev(t, i=i)
         e.created_at = base + dt.timedelta(seconds=i)
         events.append(e)
-    provider.store_many(events)
+    provider.store_and_publish_many(events)
     expected = [e.id for e in events if matches(pattern, e.type)]
     assert [e.id for e in provider.list(EventFilter(type_pattern=pattern))] == expected
     paged = provider.list(EventFilter(type_pattern=pattern, offset=1, limit=3))
@@ -474,7 +594,7 @@ def test_list__type_pattern_in_sql_matches_the_pattern_rules(
 def test_list__type_pattern_uses_the_type_index(pg: DatabaseProvider) -> None:
     """On PostgreSQL a ``prefix.*`` pattern is an index range scan ("C" collation)."""
     t = pg.tables.events
-    clause, exact = pg._pattern_clause("public.users.*")
+    clause, exact = pg._dialect.type_clause("public.users.*")
     assert exact and clause is not None
     stmt = sa.select(t.c.seq).where(clause)
     sql = str(stmt.compile(pg.engine, compile_kwargs={"literal_binds": True}))
@@ -492,7 +612,7 @@ def test_list__every_field_filters(provider: DatabaseProvider) -> None:
     c = new_event("database", "auth.sessions.create", user_id=1, instance_id="i1")
     for i, e in enumerate((a, b, c)):
         e.created_at = base + dt.timedelta(minutes=i)
-    provider.store_many([a, b, c])
+    provider.store_and_publish_many([a, b, c])
     provider.update_status(b.id, EventStatus.FAILED, "x")
 
     def ids(**kw: Any) -> list[str]:
@@ -515,7 +635,7 @@ def test_iter_events__pages_in_order(provider: DatabaseProvider) -> None:
         e = _ev(i=i)
         e.created_at = base + dt.timedelta(seconds=i // 2)  # ties broken by seq
         events.append(e)
-    provider.store_many(events)
+    provider.store_and_publish_many(events)
     assert [e.id for e in provider.iter_events(page_size=4)] == [e.id for e in events]
     flt = EventFilter(offset=5, limit=9)
     assert [e.id for e in provider.iter_events(flt, page_size=4)] == [e.id for e in events[5:14]]
@@ -526,7 +646,7 @@ def test_purge__removes_finished_events_older_than(provider: DatabaseProvider) -
     old = dt.datetime.now(UTC) - dt.timedelta(days=2)
     done_old, done_new, pending_old = _ev(), _ev(), _ev()
     pending_old.created_at = old
-    provider.store_many([done_old, done_new, pending_old])
+    provider.store_and_publish_many([done_old, done_new, pending_old])
     provider.update_status(done_old.id, EventStatus.COMPLETED)
     provider.update_status(done_new.id, EventStatus.COMPLETED)
     with provider.engine.begin() as conn:
@@ -557,8 +677,8 @@ def test_group__purged_event_is_skipped(provider: DatabaseProvider) -> None:
     """A claim whose event was deleted meanwhile is dropped, not delivered as nothing."""
     gs = provider.group_stream("*", "purged", lease=5)
     gone, kept = _ev(), _ev()
-    provider.store_many([gone, kept])
-    provider._fill(gs)
+    provider.store_and_publish_many([gone, kept])
+    provider._groups.fill(gs)
     provider.delete(gone.id)
     d = gs.receive(timeout=5)
     assert d is not None and d.event.id == kept.id
@@ -583,10 +703,10 @@ def test_listener__terminated_connection_loses_and_repeats_nothing(pg: DatabaseP
     sent: list[str] = []
     for round_ in range(3):
         batch = [_ev(r=round_, i=i) for i in range(20)]
-        pg.store_many(batch[:10])
+        pg.store_and_publish_many(batch[:10])
         old = pg.stats().provider_specific["listener_pid"]
         _terminate_listener(pg)
-        pg.store_many(batch[10:])  # committed while the listener is away
+        pg.store_and_publish_many(batch[10:])  # committed while the listener is away
         sent += [e.id for e in batch]
         _until(lambda: pg.stats().provider_specific["listener_pid"] not in (None, old),
                what="a new LISTEN connection")
@@ -599,7 +719,7 @@ def test_listener__failed_self_test_falls_back_to_polling(
     postgres_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A LISTEN connection that never hears itself logs a warning; events arrive by polling."""
-    monkeypatch.setattr(database._Listener, "_send_selftest", lambda self, conn, token: None)
+    monkeypatch.setattr(_listener.Listener, "_send_selftest", lambda self, conn, token: None)
     with DatabaseProvider(postgres_url, poll_interval=0.05, selftest_timeout=0.2) as p, \
             caplog.at_level(logging.WARNING, logger=database.__name__):
         p.create_schema()

@@ -176,7 +176,7 @@ def test_group__two_processes_share_1000_events_none_twice(
     events = [new_event("database", "public.jobs.create", {"i": i}) for i in range(1000)]
     with DatabaseProvider(schema) as p:
         for k in range(0, 1000, 100):
-            p.store_many(events[k:k + 100])
+            p.store_and_publish_many(events[k:k + 100])
     deadline = time.monotonic() + 60
     while sum(len(m.collect("GOT")) for m in members) < 1000:
         assert time.monotonic() < deadline, "group did not finish"

@@ -98,10 +98,16 @@ def psycopg_connection(engine: Engine, application_name: str) -> Any:
         import psycopg
     except ImportError:
         return None
-    if engine.dialect.driver == "psycopg":
-        # A connection made exactly as the engine makes them, then taken out of its pool.
+    creator = getattr(engine.pool, "_creator", None)
+    conn: Any
+    if engine.dialect.driver == "psycopg" and callable(creator):
+        # A NEW connection made exactly as the engine makes them (its URL, connect_args and
+        # do_connect hooks), never a pooled one: a pooled connection's backend was just used
+        # by the application, and this one must be told apart from it (and outlive the pool).
+        conn = creator()
+    elif engine.dialect.driver == "psycopg":
         raw = engine.raw_connection()
-        conn: Any = raw.driver_connection
+        conn = raw.driver_connection
         raw.detach()
         if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
             conn.rollback()

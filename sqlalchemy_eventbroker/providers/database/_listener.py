@@ -58,7 +58,9 @@ class Announcer:
         self.backend_pid: int | None = None
 
     def announce(self) -> None:
-        """Ask for one wake-up soon. Never blocks on the database; never raises."""
+        """Ask for one wake-up soon. Never blocks on the database; never raises.
+
+        A request made before :meth:`stop` is still sent (once, best effort)."""
         with self._cond:
             if self._stopping:
                 return
@@ -83,9 +85,10 @@ class Announcer:
             with self._cond:
                 while not self._asked and not self._stopping:
                     self._cond.wait()
-                if self._stopping:
-                    break
+                if not self._asked:
+                    break  # stopping, and nothing left to announce
                 self._asked = False  # requests arriving from now on need another send
+                stopping = self._stopping  # a last request before close() still goes out
             try:
                 self._send()
                 retry.reset()
@@ -93,6 +96,8 @@ class Announcer:
                 logger.warning("eventbroker announcer on %s: %s; reconnecting", self._address,
                                type(exc).__name__)
                 self._close_conn()
+                if stopping:
+                    break
                 with self._cond:
                     self._asked = True  # the wake-up still has to go out
                     deadline = time.monotonic() + retry.next()
