@@ -232,6 +232,8 @@ class DatabaseProvider(ProviderBase):
         self._write(events, origin)
         with self._lock:
             self._published += len(events)
+            for e in events:  # travelling now: a later publish() of it is a redrive again
+                self._stored_unpublished.pop(e.id, None)
         self._announce()
 
     def update_status_many(self, updates: Sequence[StatusUpdate]) -> None:
