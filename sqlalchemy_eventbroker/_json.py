@@ -126,15 +126,15 @@ def check_storable(value: JSON, path: str = "payload") -> None:
             if _NUL in k:
                 raise PayloadError(f"{path}: a key holds U+0000 (NUL), which is refused on "
                                    f"every backend (PostgreSQL jsonb cannot store it)")
-            if type(v) not in _PLAIN:
+            t = type(v)
+            if (t is str and _NUL in v) or t is dict or t is list:  # type: ignore[operator]
                 check_storable(v, f"{path}.{k}")
     elif cls is list:
         for i, v in enumerate(value):  # type: ignore[arg-type]
-            if type(v) not in _PLAIN:
+            t = type(v)
+            if (t is str and _NUL in v) or t is dict or t is list:  # type: ignore[operator]
                 check_storable(v, f"{path}[{i}]")
 
-
-_PLAIN = (int, float, bool, type(None))
 
 
 def _default(value: object) -> Any:

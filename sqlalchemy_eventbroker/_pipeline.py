@@ -47,6 +47,12 @@ _JOB_LOCK = threading.Lock()
 _NO_FAILURES: list[tuple[str, BaseException]] = []  # shared, never appended to (see Job.fail)
 
 
+class _Depth(threading.local):
+    """How deep the current thread is in handlers run inline (publish from a handler)."""
+
+    value = 0
+
+
 class Admission(Enum):
     """What a full async queue does to a way in."""
 
@@ -156,7 +162,7 @@ class Pipeline:
         self.pool: WorkerPool | None = None
         self.closed = False
         self._statuses: StatusWriter | None = None
-        self._depth = threading.local()
+        self._depth = _Depth()
         self._lock = threading.Lock()
         self.dead: collections.OrderedDict[str, Event] = collections.OrderedDict()
         self.counter_lock = threading.Lock()
@@ -196,7 +202,7 @@ class Pipeline:
                 pool.try_reserve(len(jobs))
         depth = 0
         if inline and jobs:
-            depth = getattr(self._depth, "value", 0)
+            depth = self._depth.value
             if depth >= self.max_publish_depth:
                 raise PublishDepthExceeded(
                     f"publish from a handler nested {depth} deep (max_publish_depth="
@@ -233,10 +239,7 @@ class Pipeline:
         finally:
             self._depth.value = depth
         self.record([self._conclude(j) for j in jobs], inline=True)
-        failures: list[tuple[str, BaseException]] = []
-        for job in jobs:
-            failures.extend(job.failures)
-        return failures
+        return [f for job in jobs if job.failures for f in job.failures]
 
     def run_item(self, item: Job | tuple[Job, Subscription]) -> Job | None:
         """A worker's unit: a job's handlers, or one handler's retry.
@@ -258,7 +261,7 @@ class Pipeline:
         finished = 0
         for sub in subs:
             while True:
-                if not sub.active and sub.group is None and job.retries and sub.id in job.retries:
+                if job.retries and not sub.active and sub.group is None and sub.id in job.retries:
                     # Unsubscribed while its retry waited: its last failure is final.
                     with job.lock:
                         job.fail(sub.id, job.retries[sub.id][1])
