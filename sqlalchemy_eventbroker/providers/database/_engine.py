@@ -133,8 +133,15 @@ class ErrorTranslator:
             yield
         except ProviderError:
             raise
-        except sa_exc.DBAPIError as exc:
-            raise self.describe(exc) from exc
+        except sa_exc.StatementError as exc:
+            # The chained error is kept for debugging, but never prints its parameters: they
+            # hold payloads (an outbox write's whole JSON document).
+            exc.hide_parameters = True
+            if isinstance(exc, sa_exc.DBAPIError):
+                raise self.describe(exc) from exc
+            orig = exc.orig
+            first = (str(orig).splitlines() or [""])[0]
+            raise ProviderError(f"database at {self.address}: {type(orig).__name__}: {first}") from exc
         except sa_exc.SQLAlchemyError as exc:
             raise ProviderError(f"database at {self.address}: {exc}") from exc
 
