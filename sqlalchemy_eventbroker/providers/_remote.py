@@ -16,7 +16,7 @@ from .._types import JSON
 from ..errors import ProviderError
 from ..pattern import validate_pattern
 from ._urls import redact_url
-from .base import ProviderBase, ProviderStats, QueueEventStream
+from .base import GroupStream, ProviderBase, ProviderStats, QueueEventStream
 
 if TYPE_CHECKING:
     from ._group_stream import BufferedGroupStream
@@ -105,8 +105,7 @@ class RemoteProvider(ProviderBase, Generic[StreamT]):
             if s in self._streams:
                 self._streams.remove(s)
 
-    def group_stream(self, pattern: str, group: str, *,
-                     lease: float = 30.0) -> BufferedGroupStream[Any]:
+    def group_stream(self, pattern: str, group: str, *, lease: float = 30.0) -> GroupStream:
         """A competing-consumer member of ``(group, pattern)`` (see the module docstring)."""
         validate_pattern(pattern)
         if not group:

@@ -20,6 +20,11 @@ called: a second connection, as another process would have. Where the backend li
 object (``MemoryProvider``), the factory returns that same object again and sets
 ``separate_instances = False``. The suite closes nothing the factory made; the fixture does.
 
+Every provider is tested as the broker uses it, a ``BusProvider``: the batch write with an
+origin (``store_and_publish_many``), ``update_status_many`` and ``stream(exclude_origin=)``
+are required of every backend. A third-party provider with only API.md section 4's methods
+gets them from ``bus_provider``; ``test_memory.py`` runs this suite through that adapter.
+
 Capability flags (like SQLAlchemy's dialect requirements) say what a backend guarantees. A
 test of a guarantee a backend does not give is reported as an expected failure with the reason
 (``XFAIL``), never skipped silently: the README's provider table states the same limits.

@@ -92,11 +92,9 @@ class Section4Only:
         return self._inner.stats()
 
 
-class TestSectionFourAdapter(ProviderConformance):
-    """The whole suite through ``bus_provider`` over a section-4-only provider."""
-
-    durable_across_restart = False
-    separate_instances = False
+class TestSectionFourAdapter(TestMemoryProvider):
+    """The whole suite through ``bus_provider`` over a section-4-only provider (the same
+    capabilities as the memory provider it wraps)."""
 
     @pytest.fixture
     def provider_factory(self) -> Iterator[ProviderFactory]:

@@ -49,6 +49,16 @@ def test_subject_filter__maps_patterns(pattern: str, subject: str) -> None:
     assert subject_filter("P", pattern) == subject
 
 
+def test_driver_error__names_the_class_of_a_silent_error() -> None:
+    """A driver error with an empty message (several nats-py ones) is named by its class."""
+    from sqlalchemy_eventbroker.providers._remote import driver_error
+
+    assert str(driver_error("nats", "nats://h:4222", TimeoutError())) == \
+        "nats at nats://h:4222: TimeoutError"
+    assert str(driver_error("nats", "nats://h:4222", OSError("refused"))) == \
+        "nats at nats://h:4222: refused"
+
+
 def test_unreachable_nats__provider_error_names_the_address() -> None:
     """Construction against a closed port raises ``ProviderError`` with the URL, quickly."""
     with pytest.raises(ProviderError, match=r"nats at nats://127\.0\.0\.1:1"):

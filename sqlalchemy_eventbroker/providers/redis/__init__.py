@@ -15,7 +15,7 @@ Keys (``S`` = ``stream_name``)
     ``S:counts``        per-status counters kept exact by the same Lua scripts.
 
 Writes
-    One Lua script (``_WRITE``) stores events (hash, index, counts, eviction past
+    One Lua script (``_scripts.WRITE``) stores events (hash, index, counts, eviction past
     ``max_events``) and appends them to the stream, stores first, so a reader never sees an
     entry whose event is not stored yet. ``store`` writes at once (one script call);
     ``store_and_publish_many``, which the broker uses for every publish, stores and

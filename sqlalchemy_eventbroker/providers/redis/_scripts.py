@@ -46,23 +46,22 @@ if n > 0 and max > 0 then
   end
 end
 if ARGV[5] == '1' then
-  local head = {KEYS[3]}
   local maxlen = tonumber(ARGV[3])
-  if maxlen > 0 then head = {KEYS[3], 'MAXLEN', '~', maxlen} end
   local origin = ARGV[4]
   for i = 0, n - 1 do
     local a = 6 + i * 9
-    local add = {unpack(head)}
-    add[#add + 1] = '*'
-    add[#add + 1] = 't'
-    add[#add + 1] = ARGV[a + 8]
-    add[#add + 1] = 'e'
-    add[#add + 1] = ARGV[a + 2]
-    if origin ~= '' then
-      add[#add + 1] = 'o'
-      add[#add + 1] = origin
+    local t, json = ARGV[a + 8], ARGV[a + 2]
+    if maxlen > 0 then
+      if origin ~= '' then
+        redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen, '*', 't', t, 'e', json, 'o', origin)
+      else
+        redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen, '*', 't', t, 'e', json)
+      end
+    elseif origin ~= '' then
+      redis.call('XADD', KEYS[3], '*', 't', t, 'e', json, 'o', origin)
+    else
+      redis.call('XADD', KEYS[3], '*', 't', t, 'e', json)
     end
-    redis.call('XADD', unpack(add))
   end
 end
 return n
