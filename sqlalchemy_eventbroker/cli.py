@@ -147,16 +147,8 @@ def _require_url(args: argparse.Namespace) -> str:
 
 def _migration_functions() -> tuple[MigrationFn, MigrationFn]:
     """``upgrade`` and ``downgrade`` of the database provider (they know the schema)."""
-    for name in (".providers.database", ".providers._db_schema"):
-        try:
-            module = importlib.import_module(name, __package__)
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.startswith(f"{__package__}.providers"):
-                continue
-            raise
-        if hasattr(module, "upgrade") and hasattr(module, "downgrade"):
-            return module.upgrade, module.downgrade
-    raise ImportError("sqlalchemy_eventbroker: the database provider's migrations are missing")
+    module = importlib.import_module(".providers.database", __package__)
+    return module.upgrade, module.downgrade
 
 
 def _migrate(args: argparse.Namespace) -> int:

@@ -114,6 +114,9 @@ class DatabaseConfig:
     table_name: str = "events"
     #: PostgreSQL LISTEN/NOTIFY channel.
     channel: str = "eventbroker_events"
+    #: Seconds between re-reads when no wake-up arrives: a lost wake-up delays delivery by
+    #: at most this long and never loses it (one cheap indexed read per interval).
+    backstop_interval: float = 1.0
 
     def __post_init__(self) -> None:
         p = f"{ROOT}.database"
@@ -122,6 +125,8 @@ class DatabaseConfig:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.table_name):
             raise fail(f"{p}.table_name", "a table name (letters, digits, _)", self.table_name)
         set_field(self, "channel", as_str(self.channel, f"{p}.channel"))
+        set_field(self, "backstop_interval",
+                  parse_duration(self.backstop_interval, f"{p}.backstop_interval", positive=True))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -496,7 +501,8 @@ def _database(config: EventBrokerConfig) -> Provider:
 
     c = config.database
     return DatabaseProvider(  # type: ignore[no-any-return,unused-ignore]
-        c.url, table_name=c.table_name, channel=c.channel
+        c.url, table_name=c.table_name, channel=c.channel,
+        backstop_interval=c.backstop_interval,
     )
 
 

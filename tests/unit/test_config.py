@@ -519,7 +519,7 @@ def test_to_dict__redact_hides_passwords() -> None:
     data = config.to_dict(redact=True)
     assert data["database"] == {
         "url": "postgresql+psycopg://me:***@db/app", "table_name": "events",
-        "channel": "eventbroker_events",
+        "channel": "eventbroker_events", "backstop_interval": 1.0,
     }
     assert data["redis"]["password"] == "***"  # type: ignore[index,call-overload]
     assert "s3cret" not in repr(data) and "hunter2" not in repr(data)
@@ -579,7 +579,8 @@ def test_build_provider__memory() -> None:
     [
         ({"provider": "database", "database": {"url": "sqlite://", "table_name": "ev",
                                               "channel": "ch"}},
-         "database", "DatabaseProvider", ("sqlite://",), {"table_name": "ev", "channel": "ch"}),
+         "database", "DatabaseProvider", ("sqlite://",), {"table_name": "ev", "channel": "ch",
+                                                            "backstop_interval": 1.0}),
         ({"provider": "redis", "redis": {"host": "r", "port": 1, "db": 3, "password": "pw",
                                          "stream_name": "s", "consumer_group": "g"}},
          "redis", "RedisProvider", ("redis://:pw@r:1/3",),
@@ -673,3 +674,14 @@ def test_build_provider__real_module_without_driver(
     with pytest.raises(ConfigError) as info:
         build_provider(config)
     assert f"pip install 'sqlalchemy-eventbroker[{extra}]'" in str(info.value)
+
+
+def test_database_backstop_interval__a_duration_passed_to_the_provider() -> None:
+    """``database.backstop_interval`` takes a duration (default 1 s) and must be positive."""
+    from sqlalchemy_eventbroker.config import ConfigError, load_config
+
+    assert load_config({"database": {"url": "sqlite://"}}).database.backstop_interval == 1.0
+    cfg = load_config({"database": {"url": "sqlite://", "backstop_interval": "250ms"}})
+    assert cfg.database.backstop_interval == 0.25
+    with pytest.raises(ConfigError, match="event_broker.database.backstop_interval"):
+        load_config({"database": {"url": "sqlite://", "backstop_interval": 0}})
