@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -56,16 +57,18 @@ class RetryPolicy:
             )
         for name in ("initial_delay", "max_delay"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) \
+                    or v < 0:
                 raise ConfigError(
-                    f"retry_policy.{name}: expected a number of seconds >= 0, got {v!r}",
+                    f"retry_policy.{name}: expected a finite number of seconds >= 0, got {v!r}",
                     path=f"retry_policy.{name}",
                 )
         factor = self.backoff_factor
         if isinstance(factor, bool) or not isinstance(factor, int | float) \
-                or self.backoff_factor < 1:
+                or not math.isfinite(factor) or factor < 1:
             raise ConfigError(
-                f"retry_policy.backoff_factor: expected a number >= 1, got {self.backoff_factor!r}",
+                "retry_policy.backoff_factor: expected a finite number >= 1, "
+                f"got {self.backoff_factor!r}",
                 path="retry_policy.backoff_factor",
             )
 

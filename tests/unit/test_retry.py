@@ -114,3 +114,13 @@ def test_constructor__bad_values_name_the_field(kwargs: dict[str, object], path:
 def test_constructor__zero_retries_allowed() -> None:
     """max_retries=0 means a failure is final at once."""
     assert RetryPolicy(max_retries=0).max_retries == 0
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("field", ["initial_delay", "max_delay", "backoff_factor"])
+def test_constructor__nan_and_infinity_refused(field: str, value: float) -> None:
+    """NaN and infinity are refused at construction, naming the field (issue 11, row 12)."""
+    with pytest.raises(ConfigError) as info:
+        RetryPolicy(**{field: value})  # type: ignore[arg-type]
+    assert info.value.path == f"retry_policy.{field}"
+    assert "finite" in str(info.value)
