@@ -233,12 +233,20 @@ class Pipeline:
                     pool.put(job, block_while_full=way.admission is Admission.WAIT)
             return []
         self._depth.value = depth + 1
+        interrupt: BaseException | None = None
         try:
             for job in jobs:
-                self._run(job, job.subs, inline=True)
+                if interrupt is None:
+                    self._run(job, job.subs, inline=True)
+                    interrupt = _interrupt_of(job)
+                else:  # KeyboardInterrupt, SystemExit: end the batch, every event failed
+                    for sub in job.subs:
+                        job.fail(sub.id, interrupt)
         finally:
             self._depth.value = depth
         self.record([self._conclude(j) for j in jobs], inline=True)
+        if interrupt is not None:
+            raise interrupt  # recorded first: no event is left pending
         return [f for job in jobs if job.failures for f in job.failures]
 
     def run_item(self, item: Job | tuple[Job, Subscription]) -> Job | None:
@@ -259,7 +267,13 @@ class Pipeline:
         if subs is job.subs:  # a fresh job, not one handler's retry
             event.mark_processing()
         finished = 0
+        stop: BaseException | None = None
         for sub in subs:
+            if stop is not None:  # interrupted: the remaining handlers fail with it
+                with job.lock:
+                    job.fail(sub.id, stop)
+                finished += 1
+                continue
             while True:
                 if job.retries and not sub.active and sub.group is None and sub.id in job.retries:
                     # Unsubscribed while its retry waited: its last failure is final.
@@ -271,6 +285,8 @@ class Pipeline:
                 delay = None if exc is None else self._attempt(job, sub, exc)
                 if delay is None:
                     finished += 1
+                    if exc is not None and not isinstance(exc, Exception):
+                        stop = exc
                     break
                 if inline:
                     time.sleep(delay)
@@ -298,7 +314,7 @@ class Pipeline:
             if result is not None and inspect.isawaitable(result):
                 self.runner.run(result)
             return None
-        except Exception as exc:
+        except BaseException as exc:  # KeyboardInterrupt too: the event must still end
             return exc
 
     def _attempt(self, job: Job, sub: Subscription, exc: BaseException) -> float | None:
@@ -312,6 +328,7 @@ class Pipeline:
             job.retries[sub.id] = (attempt, exc)
             retry = (attempt <= policy.max_retries
                      and (sub.active or sub.group is not None)
+                     and isinstance(exc, Exception)  # not KeyboardInterrupt, SystemExit
                      and not isinstance(exc, PublishDepthExceeded))
             if retry:
                 job.event.increment_retry()
@@ -451,6 +468,14 @@ class Pipeline:
         if self._statuses is not None:
             self._statuses.close()
         self.runner.close()
+
+
+def _interrupt_of(job: Job) -> BaseException | None:
+    """A handler's KeyboardInterrupt/SystemExit (a ``BaseException`` that is no ``Exception``)."""
+    for _, exc in job.failures:
+        if not isinstance(exc, Exception):
+            return exc
+    return None
 
 
 def _no_ack(job: Job) -> None:

@@ -332,3 +332,54 @@ def test_captured_transaction__postgres_sees_no_notify_inside_it(postgres_url: s
         with Session(engine) as s, s.begin():
             s.execute(sa.text("DROP TABLE IF EXISTS wp_rows"))
         engine.dispose()
+
+
+# -- handlers that raise BaseException ---------------------------------------------------
+
+
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit])
+def test_sync_handler_base_exception__event_failed_and_exception_propagates(
+    exc_type: type[BaseException],
+) -> None:
+    """Sync mode: a handler raising KeyboardInterrupt/SystemExit is not retried, the stored
+    event ends ``failed`` naming it, and the exception still reaches the caller."""
+    calls = 0
+    with _broker(retry_policy=RetryPolicy(max_retries=3, initial_delay=0.001)) as broker:
+
+        def stop(event: Event) -> None:
+            nonlocal calls
+            calls += 1
+            raise exc_type()
+
+        broker.subscribe("k.*", stop)
+        event = new_event(EventSource.SYSTEM, "k.x")
+        with pytest.raises(exc_type):
+            broker.publish_sync(event)
+        assert calls == 1
+        stored = broker.provider.get(event.id)
+        assert stored is not None and stored.status is EventStatus.FAILED
+        assert exc_type.__name__ in stored.error
+        assert broker.stats().total_failed == 1
+
+
+def test_async_handler_base_exception__event_failed_and_stop_is_prompt() -> None:
+    """Async mode: a handler raising SystemExit fails its event (not left pending) and the
+    job is released, so ``stop(timeout)`` returns without waiting the full timeout."""
+    done = threading.Event()
+    broker = _broker(mode="async", worker_count=2).start()
+
+    def bye(event: Event) -> None:
+        done.set()
+        raise SystemExit(3)
+
+    broker.subscribe("k.*", bye)
+    event = new_event(EventSource.SYSTEM, "k.y")
+    broker.publish(event)
+    assert done.wait(5)
+    assert _wait_for(lambda: broker.stats().total_failed == 1, 5)
+    started = time.monotonic()
+    broker.stop(timeout=20)
+    assert time.monotonic() - started < 5
+    stored = broker.provider.get(event.id)
+    assert stored is not None and stored.status is EventStatus.FAILED
+    assert "SystemExit" in stored.error
