@@ -197,3 +197,20 @@ def test_start_metrics_server__serves_metrics_over_http(
     assert served[(PROCESSED, completed)] == 1
     assert served[(f"{DURATION}_count", users)] == 1
     assert served[(QUEUE, ())] == 0
+
+
+def test_packaging__prometheus_client_floor_returns_server_and_thread() -> None:
+    """The declared prometheus-client floor is 0.20, the first release whose start_http_server
+    returns ``(server, thread)``, which start_metrics_server needs to stop it (issue 11, row 11;
+    with 0.17 to 0.19 it returned None, a TypeError left the server running)."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads(
+        (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text(encoding="utf-8"))
+    (spec,) = [d for d in pyproject["project"]["dependencies"]
+               if d.lower().startswith("prometheus-client")]
+    match = re.search(r">=\s*(\d+)\.(\d+)", spec)
+    assert match is not None, spec
+    assert (int(match[1]), int(match[2])) >= (0, 20), spec
