@@ -57,8 +57,14 @@ class EventFilter:
     """What ``Provider.list`` selects. Empty/None fields select everything.
 
     ``type_pattern`` is a subscription pattern (``public.users.*``); ``start_time`` is
-    inclusive and ``end_time`` exclusive, both on ``created_at``. ``limit=0`` means no limit.
+    inclusive and ``end_time`` exclusive, both on ``created_at``. A naive ``start_time`` or
+    ``end_time`` is taken as UTC (it is given ``tzinfo=UTC`` here, so every provider compares
+    the same instant); an aware one may be in any zone. ``limit=0`` means no limit.
     Results are oldest first.
+
+    Raises:
+        ValueError: a negative ``limit``/``offset``, or a time that is not a ``datetime``.
+        PatternError: a malformed ``type_pattern``.
     """
 
     source: EventSource | None = None
@@ -81,6 +87,15 @@ class EventFilter:
             raise ValueError(
                 f"EventFilter: limit and offset must be >= 0, got {self.limit}, {self.offset}"
             )
+        for name in ("start_time", "end_time"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, dt.datetime):
+                raise ValueError(
+                    f"EventFilter.{name}: expected a datetime, got {type(value).__name__}")
+            if value.tzinfo is None or value.utcoffset() is None:
+                object.__setattr__(self, name, value.replace(tzinfo=dt.UTC))
 
     def matches(self, event: Event) -> bool:
         """Whether ``event`` passes every field of this filter (ignores limit/offset)."""

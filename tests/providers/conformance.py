@@ -295,6 +295,15 @@ class ProviderConformance:
         flt = EventFilter(end_time=stored[1].created_at, type_pattern="public.**")
         assert [e.id for e in provider.list(flt)] == [stored[0].id]
 
+    def test_list__naive_times_are_utc(self, provider: BusProvider, stored: list[Event]) -> None:
+        """A naive ``start_time``/``end_time`` is taken as UTC, the same on every provider."""
+        naive = [e.created_at.astimezone(UTC).replace(tzinfo=None) for e in stored]
+        flt = EventFilter(start_time=naive[2], end_time=naive[5])
+        assert flt.start_time == stored[2].created_at
+        assert [e.id for e in provider.list(flt)] == [e.id for e in stored[2:5]]
+        flt = EventFilter(start_time=naive[6])
+        assert [e.id for e in provider.list(flt)] == [e.id for e in stored[6:]]
+
     def test_list__returns_current_status(self, provider: BusProvider, stored: list[Event]) -> None:
         """Listed events carry the status fields written by ``update_status``."""
         by_id = {e.id: e for e in provider.list(EventFilter())}
