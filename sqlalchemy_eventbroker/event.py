@@ -98,6 +98,8 @@ class Event:
     processed_at: dt.datetime | None = None
     completed_at: dt.datetime | None = None
     metadata: dict[str, JSON] = field(default_factory=dict)
+    #: The ordering key; capture sets it to the row's identity (``public.users:42``).
+    key: str = ""
 
     def __post_init__(self) -> None:
         # Accept the plain strings too ("database"), as StrEnum members compare equal anyway.
@@ -166,6 +168,7 @@ class Event:
         new.processed_at = self.processed_at
         new.completed_at = self.completed_at
         new.metadata = _json.copy_json(self.metadata) if self.metadata else {}  # type: ignore[assignment]
+        new.key = self.key
         return new
 
     def mark_processing(self) -> None:
@@ -260,6 +263,7 @@ class Event:
             "processed_at": self.processed_at.isoformat() if self.processed_at else None,
             "completed_at": self.completed_at.isoformat() if self.completed_at else None,
             "metadata": self.metadata,
+            "key": self.key,
         }
 
     @classmethod
@@ -288,6 +292,7 @@ class Event:
                 _time(d, "processed_at"),
                 _time(d, "completed_at"),
                 dict(d.get("metadata") or {}),
+                d.get("key") or "",
             )
         except KeyError as exc:
             raise EventValidationError(f"event.{exc.args[0]}: missing", field=exc.args[0]) from None
@@ -349,6 +354,7 @@ def new_event(
     session_id: str = "",
     instance_id: str = "",
     metadata: Mapping[str, object] | None = None,
+    key: str = "",
 ) -> Event:
     """A fresh pending event with a new id and ``created_at`` now.
 
@@ -379,4 +385,5 @@ def new_event(
         None,
         None,
         _json.to_jsonable(dict(metadata), "metadata") if metadata else {},  # type: ignore[arg-type]
+        key,
     )

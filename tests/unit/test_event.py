@@ -26,7 +26,7 @@ UTC = dt.UTC
 FIELDS = [
     "id", "source", "type", "status", "retry_count", "error", "payload", "user_id",
     "session_id", "instance_id", "schema", "entity", "operation", "created_at",
-    "processed_at", "completed_at", "metadata",
+    "processed_at", "completed_at", "metadata", "key",
 ]
 
 
@@ -236,9 +236,19 @@ def test_get_payload__into_needs_dict() -> None:
 def test_clone__same_id_equal() -> None:
     """clone() keeps the id and every field."""
     e = new_event("database", "public.users.create", {"a": [1]}, user_id=1,
-                  metadata={"m": {"n": 1}})
+                  metadata={"m": {"n": 1}}, key="public.users:1")
     c = e.clone()
-    assert c == e and c is not e and c.id == e.id
+    assert c == e and c is not e and c.id == e.id and c.key == "public.users:1"
+
+
+def test_key__defaults_empty_and_positional_last() -> None:
+    """``key`` is the last field, "" by default, and absent from a dict reads as ""."""
+    e = new_event("system", "x")
+    assert e.key == "" and Event().key == ""
+    d = e.to_dict()
+    del d["key"]
+    assert Event.from_dict(d).key == ""
+    assert Event.from_json(new_event("system", "x", key="k:1").to_json()).key == "k:1"
 
 
 def test_clone__deep() -> None:
@@ -345,7 +355,8 @@ def test_event__plain_strings_become_enums() -> None:
 def full_event() -> Event:
     e = new_event("database", "public.users.update", {"id": 1, "name": "ada", "tags": ["x"]},
                   user_id=42, session_id="sess", instance_id="api-1",
-                  metadata={"changes": {"name": {"old": "a", "new": "ada"}}, "n": 1.5})
+                  metadata={"changes": {"name": {"old": "a", "new": "ada"}}, "n": 1.5},
+                  key="public.users:1")
     e.mark_processing()
     e.increment_retry()
     e.mark_failed("handler h: boom")
