@@ -14,7 +14,15 @@ from . import _json
 from ._types import JSON
 from .errors import EventValidationError
 
-__all__ = ["Event", "EventSource", "EventStatus", "event_type", "new_event", "uuid7"]
+__all__ = [
+    "FIELD_LIMITS",
+    "Event",
+    "EventSource",
+    "EventStatus",
+    "event_type",
+    "new_event",
+    "uuid7",
+]
 
 T = TypeVar("T")
 UTC = dt.UTC
@@ -41,6 +49,18 @@ class EventStatus(StrEnum):
 
 _SOURCES = {s.value: s for s in EventSource}
 _STATUSES = {s.value: s for s in EventStatus}
+
+#: The longest value, in characters, of each bounded text field. The same on every provider;
+#: they are the column sizes of the database provider's events table, so an event that
+#: passes :meth:`Event.validate` fits every backend.
+FIELD_LIMITS: Mapping[str, int] = {
+    "type": 255,
+    "session_id": 255,
+    "instance_id": 255,
+    "schema": 128,
+    "entity": 128,
+    "operation": 64,
+}
 
 
 def uuid7() -> str:
@@ -197,7 +217,10 @@ class Event:
 
         Raises:
             EventValidationError: naming the field: empty id, source not an
-                ``EventSource``, empty type, unknown status.
+                ``EventSource``, empty type, unknown status, a text field that is not a
+                ``str`` or is longer than its limit in :data:`FIELD_LIMITS` (``type``,
+                ``session_id`` and ``instance_id`` 255 characters, ``schema`` and ``entity``
+                128, ``operation`` 64).
             PayloadError: a string of the payload or metadata holds U+0000 (refused on
                 every backend; the message names the path, never the text).
         """
@@ -228,6 +251,11 @@ class Event:
             raise EventValidationError(
                 f"event.user_id: expected int or None, got {self.user_id!r}", field="user_id"
             )
+        # Direct attribute reads, not a loop over FIELD_LIMITS: this runs on every publish.
+        if (self.type.__len__() > 255 or _too_long(self.session_id, 255)
+                or _too_long(self.instance_id, 255) or _too_long(self.schema, 128)
+                or _too_long(self.entity, 128) or _too_long(self.operation, 64)):
+            _raise_too_long(self)
         if not isinstance(self.created_at, dt.datetime) or self.created_at.tzinfo is None:
             raise EventValidationError(
                 "event.created_at: expected a timezone-aware datetime", field="created_at"
@@ -314,6 +342,24 @@ class Event:
 
 
 _blank = object.__new__
+
+
+def _too_long(value: object, limit: int) -> bool:
+    # True for a non-str too, so that the slow path below names it.
+    return value.__class__ is not str or len(value) > limit
+
+
+def _raise_too_long(event: Event) -> None:
+    for name, limit in FIELD_LIMITS.items():
+        value = getattr(event, name)
+        if not isinstance(value, str):
+            raise EventValidationError(
+                f"event.{name}: expected a str, got {type(value).__name__}", field=name)
+        if len(value) > limit:
+            # The length, not the text: these fields may come from user input.
+            raise EventValidationError(
+                f"event.{name}: {len(value)} characters, longer than the limit of {limit}",
+                field=name)
 _MUTABLE = (dict, list)
 
 

@@ -178,6 +178,34 @@ class ProviderConformance:
         assert got is not e
         assert got.created_at.tzinfo is not None
 
+    def test_key__round_trips_through_store_get_list_stream_and_group(
+            self, provider: BusProvider) -> None:
+        """An event's ``key`` comes back from ``get``, ``list``, a stream and a group stream;
+        an event without one comes back with ``""``."""
+        stream = provider.stream("public.keyed.*")
+        gs = (provider.group_stream("public.keyed.*", "keyed", lease=self.lease * 5)
+              if self.supports_groups else None)
+        try:
+            keyed = _event("public.keyed.update", {"id": 42, "n": "a"}, key="public.keyed:42,a")
+            plain = _event("public.keyed.create", {"id": 1})
+            provider.store_and_publish_many([keyed, plain], origin="")
+            assert provider.get(keyed.id).key == "public.keyed:42,a"  # type: ignore[union-attr]
+            assert provider.get(plain.id).key == ""  # type: ignore[union-attr]
+            listed = provider.list(EventFilter(entity="keyed"))
+            assert {e.id: e.key for e in listed} == {keyed.id: keyed.key, plain.id: ""}
+            got = _drain(stream, 2, self.delivery_timeout)
+            assert {e.id: e.key for e in got} == {keyed.id: keyed.key, plain.id: ""}
+            if gs is not None:
+                delivered = _drain(gs, 2, self.delivery_timeout)
+                for d in delivered:
+                    d.ack()
+                assert {d.event.id: d.event.key for d in delivered} == {
+                    keyed.id: keyed.key, plain.id: ""}
+        finally:
+            stream.close()
+            if gs is not None:
+                gs.close()
+
     def test_store__keeps_a_copy(self, provider: BusProvider) -> None:
         """Changing the event object after ``store`` does not change what is stored."""
         e = _event(payload={"a": 1})
@@ -213,6 +241,35 @@ class ProviderConformance:
             assert [x.payload for x in got] == [big]
         finally:
             stream.close()
+
+    def test_limits__longest_fields_fit_and_longer_are_refused(self, provider: BusProvider) -> None:
+        """Fields at their documented limit are stored intact; one character more is refused by
+        ``validate()`` with an ``EventValidationError`` naming the field, before the provider."""
+        from sqlalchemy_eventbroker import EventValidationError
+        from sqlalchemy_eventbroker.event import FIELD_LIMITS
+
+        broker = Broker(provider=provider, mode="sync", instance_id="limits", close_provider=False)
+        broker.start()
+        try:
+            longest = _event("t" * FIELD_LIMITS["type"])
+            for name, limit in FIELD_LIMITS.items():
+                if name != "type":
+                    setattr(longest, name, "é" * limit)
+            broker.publish(longest)
+            got = provider.get(longest.id)
+            assert got is not None
+            assert {n: getattr(got, n) for n in FIELD_LIMITS} == {
+                n: getattr(longest, n) for n in FIELD_LIMITS}
+            for name, limit in FIELD_LIMITS.items():
+                e = _event()
+                setattr(e, name, "x" * (limit + 1))
+                with pytest.raises(EventValidationError) as info:
+                    broker.publish(e)
+                assert info.value.field == name
+                assert str(limit) in str(info.value)
+                assert provider.get(e.id) is None
+        finally:
+            broker.stop(timeout=5)
 
     # -- list ----------------------------------------------------------------------------------
 

@@ -485,3 +485,28 @@ def test_set_payload__unserializable_message_has_no_data() -> None:
     with pytest.raises(PayloadError) as info:
         e.set_payload({"x": Secret()})
     assert "payload.x" in str(info.value) and "hunter2" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "limit"),
+    [("type", 255), ("session_id", 255), ("instance_id", 255), ("schema", 128),
+     ("entity", 128), ("operation", 64)],
+)
+def test_validate__field_limits(name: str, limit: int) -> None:
+    """A bounded text field passes at its limit and fails one character over it, or when it
+    is not a str, naming the field and the limit but never the text (issue 11, row 16)."""
+    from sqlalchemy_eventbroker.event import FIELD_LIMITS
+
+    assert FIELD_LIMITS[name] == limit
+    e = new_event(EventSource.SYSTEM, "a.b.c")
+    setattr(e, name, "s" * limit)
+    e.validate()
+    setattr(e, name, "s" * (limit + 1))
+    with pytest.raises(EventValidationError) as info:
+        e.validate()
+    assert info.value.field == name
+    assert str(limit) in str(info.value) and "sss" not in str(info.value)
+    setattr(e, name, 42)
+    with pytest.raises(EventValidationError) as info:
+        e.validate()
+    assert info.value.field == name
