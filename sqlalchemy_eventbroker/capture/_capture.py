@@ -118,7 +118,8 @@ class Capture:
             meta.update(extra)
         event = Event(uuid7(), _DATABASE, etype, _PENDING, 0, "", payload, who[0], who[1],
                       broker.instance_id if broker is not None else "", schema, target.entity,
-                      operation, created_at or dt.datetime.now(UTC), None, None, meta)
+                      operation, created_at or dt.datetime.now(UTC), None, None, meta,
+                      target.key_of(schema, payload))
         try:
             event.validate()
         except Exception as exc:  # noqa: BLE001 - one bad event never takes the others

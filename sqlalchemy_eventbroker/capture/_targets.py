@@ -34,8 +34,8 @@ _OPERATIONS = ("create", "read", "update", "delete")
 class Target:
     """What events of one mapper (or plain table) need: names, columns, order."""
 
-    __slots__ = ("captured", "cols", "entity", "mapper", "null_on_create", "rank", "schema",
-                 "table", "types")
+    __slots__ = ("captured", "cols", "entity", "mapper", "null_on_create", "pk_keys", "rank",
+                 "schema", "table", "types")
 
     def __init__(self, table: Table, mapper: Mapper[Any] | None, config: CRUDHookConfig) -> None:
         self.table = table
@@ -60,6 +60,8 @@ class Target:
             )
         else:
             self.null_on_create = frozenset(c.key for c in table.columns if _plain_nullable(c))
+        #: Payload keys of the primary key columns, in primary-key column order (``key``).
+        self.pk_keys: tuple[str, ...] = _pk_keys(table, mapper)
         self.rank = _table_rank(table)
         #: ``{default schema: {operation: (schema, type)}}``.
         self.types: dict[str | None, dict[str, tuple[str, str]]] = {}
@@ -74,6 +76,31 @@ class Target:
                 op: (schema, f"{schema}.{self.entity}.{op}") for op in _OPERATIONS
             }
         return by_op[operation]
+
+    def key_of(self, schema: str, payload: dict[str, JSON]) -> str:
+        """The event ``key`` of a row: ``schema.entity:`` and its primary key values in their
+        payload form (strings unquoted), joined by ``,``; ``""`` without a primary key or when
+        the payload lacks one of its values."""
+        pk = self.pk_keys
+        if not pk:
+            return ""
+        parts: list[str] = []
+        for k in pk:
+            v = payload.get(k)
+            if v is None:
+                return ""
+            parts.append(v if isinstance(v, str) else _json.dumps(v))
+        return f"{schema}.{self.entity}:{','.join(parts)}"
+
+
+def _pk_keys(table: Table, mapper: Mapper[Any] | None) -> tuple[str, ...]:
+    if mapper is None:
+        return tuple(str(c.key) for c in table.primary_key.columns)
+    keys: list[str] = []
+    for col in mapper.primary_key:
+        prop = mapper.get_property_by_column(col)
+        keys.append(str(prop.columns[0].key))
+    return tuple(keys)
 
 
 def _plain_nullable(col: Any) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, ForeignKey, LargeBinary, String, Text, text
+from sqlalchemy import JSON, Column, ForeignKey, Integer, LargeBinary, String, Table, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 AUDIT_SCHEMA = "audit"
@@ -81,3 +81,55 @@ class Document(Base):
     title: Mapped[str] = mapped_column(String(50))
     body: Mapped[Any] = mapped_column(JSON, nullable=True, default=None)
     text: Mapped[str | None] = mapped_column(Text, default=None)
+
+
+#: A plain Core table without a primary key (events get an empty ``key``).
+log_lines = Table(
+    "log_lines", Base.metadata,
+    Column("line", String(100), nullable=False),
+    Column("level", Integer, nullable=True),
+)
+
+#: The association table of ``Article.tags`` (many-to-many).
+article_tags = Table(
+    "article_tags", Base.metadata,
+    Column("article_id", ForeignKey("articles.id", ondelete="CASCADE"), primary_key=True),
+    Column("tag_id", ForeignKey("tags.id"), primary_key=True),
+)
+
+
+class Tag(Base):
+    __tablename__ = "tags"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    label: Mapped[str] = mapped_column(String(30))
+
+
+class Article(Base):
+    __tablename__ = "articles"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    title: Mapped[str] = mapped_column(String(50))
+    tags: Mapped[list[Tag]] = relationship(secondary=article_tags, order_by="Tag.id")
+
+
+class Account(Base):
+    """Column control on the class: ``token`` never in events, ``email`` redacted."""
+
+    __tablename__ = "accounts"
+    __eventbroker__: ClassVar[dict[str, Any]] = {"exclude": ["token"], "redact": ["email"]}
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+    email: Mapped[str | None] = mapped_column(String(100), default=None)
+    token: Mapped[str | None] = mapped_column(String(100), default=None)
+
+
+class Session_(Base):
+    """``{"capture": False}``: no events at all for this class."""
+
+    __tablename__ = "web_sessions"
+    __eventbroker__: ClassVar[dict[str, Any]] = {"capture": False}
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    data: Mapped[str] = mapped_column(String(100))

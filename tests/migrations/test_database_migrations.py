@@ -205,3 +205,32 @@ def test_drop_schema__mixed_case_table_leaves_other_version_tables_alone(db_url:
         assert not {"AuditEvents", "AuditEvents_groups", "AuditEvents_claims",
                     "eventbroker_alembic_version_AuditEvents"} & names
         assert TABLES | {"eventbroker_alembic_version"} <= names
+
+
+def test_key__0002_rows_read_back_with_an_empty_key_after_upgrade_and_downgrade(
+        engine: sa.Engine, db_url: str) -> None:
+    """A row written under 0002 reads back with ``key == ""`` after 0003; a keyed event
+    round-trips; downgrading to 0002 drops the column and keeps the rows."""
+    upgrade(db_url, "0002_origin")
+    # This version's provider writes ``key``: write the 0002 row by hand.
+    t = sa.table("events", *(sa.column(c) for c in (
+        "id", "source", "type", "status", "retry_count", "error", "session_id",
+        "instance_id", "schema", "entity", "operation", "created_at", "metadata")))
+    old = sqlalchemy_eventbroker.new_event("database", "public.t.create")
+    with engine.begin() as conn:
+        conn.execute(t.insert().values(
+            id=old.id, source="database", type=old.type, status="pending", retry_count=0,
+            error="", session_id="", instance_id="", schema="", entity="", operation="",
+            created_at=old.created_at, metadata="{}"))
+    upgrade(db_url)
+    assert "key" in {c["name"] for c in sa.inspect(engine).get_columns("events")}
+    keyed = sqlalchemy_eventbroker.new_event("database", "public.t.update", key="public.t:1")
+    with DatabaseProvider(db_url) as p:
+        got = p.get(old.id)
+        assert got is not None and got.key == ""
+        p.store(keyed)
+        assert p.get(keyed.id).key == "public.t:1"  # type: ignore[union-attr]
+    downgrade(db_url, "0002_origin")
+    assert "key" not in {c["name"] for c in sa.inspect(engine).get_columns("events")}
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one() == 2

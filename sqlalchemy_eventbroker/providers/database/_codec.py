@@ -71,6 +71,7 @@ def json_document(events: Sequence[Event], origin: str) -> str:
                 "schema": e.schema, "entity": e.entity, "operation": e.operation,
                 "created_at": _iso(e.created_at), "processed_at": _iso(e.processed_at),
                 "completed_at": _iso(e.completed_at), "metadata": e.metadata, "origin": tag,
+                "key": e.key,
             }))  # fmt: skip
         except PayloadError as exc:
             raise _failed(e, exc) from None
@@ -98,6 +99,7 @@ def core_rows(events: Sequence[Event], origin: str) -> list[dict[str, Any]]:
                 "entity": e.entity, "operation": e.operation, "created_at": utc(e.created_at),
                 "processed_at": utc(e.processed_at), "completed_at": utc(e.completed_at),
                 "metadata": _json.to_jsonable(e.metadata, "metadata"), "origin": tag,
+                "key": e.key,
             })  # fmt: skip
         except PayloadError as exc:
             raise _failed(e, exc) from None
@@ -105,7 +107,7 @@ def core_rows(events: Sequence[Event], origin: str) -> list[dict[str, Any]]:
 
 
 def row_event(row: Sequence[Any]) -> Event:
-    """An ``Event`` from the first 17 columns of a row selected in ``EVENT_COLUMNS`` order.
+    """An ``Event`` from the first 18 columns of a row selected in ``EVENT_COLUMNS`` order.
 
     Only the event's own fields: ``origin`` is the provider's business and never reaches the
     event.
@@ -113,5 +115,5 @@ def row_event(row: Sequence[Any]) -> Event:
     return Event(
         str(row[0]), row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9],
         row[10], row[11], row[12], utc(row[13]), utc(row[14]), utc(row[15]),  # type: ignore[arg-type]
-        row[16] if row[16] is not None else {},
+        row[16] if row[16] is not None else {}, row[17] or "",
     )

@@ -41,7 +41,7 @@ _PG_RECORD_TYPES = {
     "error": "text", "payload": "jsonb", "user_id": "bigint", "session_id": "text",
     "instance_id": "text", "schema": "text", "entity": "text", "operation": "text",
     "created_at": "timestamptz", "processed_at": "timestamptz", "completed_at": "timestamptz",
-    "metadata": "jsonb", "origin": "text",
+    "metadata": "jsonb", "origin": "text", "key": "text",
 }  # fmt: skip
 
 #: The savepoint around an outbox write on PostgreSQL (see PostgresDialect.write_isolated).

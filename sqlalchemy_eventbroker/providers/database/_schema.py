@@ -56,13 +56,13 @@ __all__ = [
 ]
 
 #: The newest migration in ``migrations/versions``; ``create_schema()`` stamps it.
-HEAD_REVISION = "0002_origin"
+HEAD_REVISION = "0003_key"
 
 #: The columns that hold an ``Event``'s fields, in ``Event`` field order.
 EVENT_COLUMNS = (
     "id", "source", "type", "status", "retry_count", "error", "payload", "user_id",
     "session_id", "instance_id", "schema", "entity", "operation", "created_at",
-    "processed_at", "completed_at", "metadata",
+    "processed_at", "completed_at", "metadata", "key",
 )  # fmt: skip
 
 
@@ -133,6 +133,9 @@ def build_tables(
         sa.Column("metadata", meta_type, nullable=False),
         # Added by migration 0002 (hence last): the writing broker's origin, or NULL.
         sa.Column("origin", sa.String(64), nullable=True),
+        # Added by migration 0003: the event's ordering key (the row identity for captured
+        # events), "" for rows written before it.
+        sa.Column("key", sa.Text(), nullable=False, server_default=sa.text("''")),
         sa.UniqueConstraint("id", name=f"uq_{t}_id"),
         sa.Index(f"ix_{t}_type", "type"),
         sa.Index(f"ix_{t}_status", "status"),
