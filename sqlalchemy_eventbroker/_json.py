@@ -13,6 +13,7 @@ import datetime as dt
 import enum
 import json
 import math
+import re
 import uuid
 from collections.abc import Mapping
 from decimal import Decimal
@@ -21,12 +22,12 @@ from typing import Any
 from ._types import JSON
 from .errors import PayloadError
 
-__all__ = ["check_storable", "copy_json", "dumps", "loads", "to_jsonable"]
+__all__ = ["MAX_DEPTH", "check_storable", "copy_json", "dumps", "loads", "to_jsonable"]
 
 _SCALARS = (str, int, bool, type(None))
 
 
-def to_jsonable(value: object, _path: str = "payload") -> JSON:
+def to_jsonable(value: object, _path: str = "payload", _depth: int = 0) -> JSON:
     """Return the JSON form of ``value``.
 
     datetimes, dates and times become ISO-8601 strings, ``Decimal`` and ``UUID`` strings,
@@ -34,7 +35,8 @@ def to_jsonable(value: object, _path: str = "payload") -> JSON:
 
     Raises:
         PayloadError: ``value`` holds something JSON cannot represent (bytes, an arbitrary
-            object, a non-finite float, a non-string dict key); the message names where.
+            object, a non-finite float, a non-string dict key) or is nested deeper than
+            :data:`MAX_DEPTH`; the message names where.
     """
     cls = type(value)
     if cls in _SCALARS:
@@ -44,14 +46,18 @@ def to_jsonable(value: object, _path: str = "payload") -> JSON:
             raise PayloadError(f"{_path}: {value!r} is not a finite number and JSON cannot hold it")
         return value  # type: ignore[return-value]
     if cls is dict:
+        if _depth >= MAX_DEPTH:
+            raise _too_deep(_path)
         out: dict[str, JSON] = {}
         for k, v in value.items():  # type: ignore[attr-defined]
-            out[_key(k, _path)] = to_jsonable(v, f"{_path}.{k}")
+            out[_key(k, _path)] = to_jsonable(v, f"{_path}.{k}", _depth + 1)
         return out
     if cls is list or cls is tuple:
+        if _depth >= MAX_DEPTH:
+            raise _too_deep(_path)
         seq: list[object] | tuple[object, ...] = value  # type: ignore[assignment]
-        return [to_jsonable(v, f"{_path}[{i}]") for i, v in enumerate(seq)]
-    return _convert(value, _path)
+        return [to_jsonable(v, f"{_path}[{i}]", _depth + 1) for i, v in enumerate(seq)]
+    return _convert(value, _path, _depth)
 
 
 def _key(key: object, path: str) -> str:
@@ -67,9 +73,9 @@ def _key(key: object, path: str) -> str:
     raise PayloadError(f"{path}: a dict key of type {type(key).__name__} is not a string")
 
 
-def _convert(value: object, path: str) -> JSON:
+def _convert(value: object, path: str, depth: int = 0) -> JSON:
     if isinstance(value, enum.Enum):
-        return to_jsonable(value.value, path)
+        return to_jsonable(value.value, path, depth)
     if isinstance(value, bool | int | str):
         return value  # subclasses of the scalars
     if isinstance(value, float):
@@ -84,16 +90,19 @@ def _convert(value: object, path: str) -> JSON:
         return str(value)
     if isinstance(value, uuid.UUID):
         return str(value)
+    if depth >= MAX_DEPTH and isinstance(value, Mapping | list | tuple | set | frozenset):
+        raise _too_deep(path)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return to_jsonable(
-            {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}, path
+            {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}, path, depth
         )
     if isinstance(value, Mapping):
-        return {_key(k, path): to_jsonable(v, f"{path}.{k}") for k, v in value.items()}
+        return {_key(k, path): to_jsonable(v, f"{path}.{k}", depth + 1)
+                for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [to_jsonable(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [to_jsonable(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
     if isinstance(value, set | frozenset):
-        items = [to_jsonable(v, f"{path}[]") for v in value]
+        items = [to_jsonable(v, f"{path}[]", depth + 1) for v in value]
         try:
             items.sort()  # type: ignore[type-var,unused-ignore]
         except TypeError:
@@ -103,38 +112,94 @@ def _convert(value: object, path: str) -> JSON:
     raise PayloadError(f"{path}: a {type(value).__name__} value is not JSON serializable")
 
 
+#: The deepest nesting of dicts and lists a payload or metadata may have: the outermost
+#: container is level 1. Deeper values are refused with :class:`PayloadError` on every
+#: provider, before Python's recursion limit could turn them into a ``RecursionError``
+#: anywhere on the way (encoding, copying for each handler, decoding on another host).
+MAX_DEPTH = 100
+
 _NUL = "\x00"
+_SURROGATE = re.compile("[\ud800-\udfff]").search
+_PLAIN = frozenset((int, bool, type(None)))
 
 
-def check_storable(value: JSON, path: str = "payload") -> None:
-    """Refuse a JSON value that some backend cannot store, the same way on every backend.
+def _bad_text(text: str) -> str | None:
+    # NUL: PostgreSQL jsonb cannot store it. A lone surrogate: no UTF-8 form, so no backend
+    # can store or send it. The ASCII test first: it is what nearly every string is.
+    if _NUL in text:
+        return "U+0000 (NUL), which PostgreSQL jsonb cannot store"
+    if not text.isascii() and _SURROGATE(text) is not None:
+        return "a lone surrogate (U+D800..U+DFFF), which has no UTF-8 form"
+    return None
 
-    U+0000 (NUL) in a string or a key is the one such value: PostgreSQL ``jsonb`` cannot
-    hold it, so one NUL would fail a whole outbox statement there. Refusing it everywhere
-    keeps an event's fate independent of the provider it happens to travel through.
+
+def check_storable(value: object, path: str = "payload", _depth: int = 0) -> None:
+    """Refuse what is not plain, storable JSON, the same way on every provider.
+
+    The one payload check, run where an event is handed over (``Event.validate``, hence every
+    publish) and where it is rebuilt (``Event.from_dict``). Plain JSON is ``dict`` (``str``
+    keys), ``list``, ``str``, ``int``, finite ``float``, ``bool`` and ``None``, nested at most
+    :data:`MAX_DEPTH` deep; strings (and keys) must not hold U+0000 or a lone surrogate.
+    Anything else (NaN, bytes, a set, a tuple, any other object) is refused: convert it with
+    ``Event.set_payload`` first. Refusing it everywhere keeps an event's fate independent of
+    the provider it happens to travel through.
 
     Raises:
-        PayloadError: naming the path of the offending string (never its text).
+        PayloadError: naming the path of the offending value (never its text).
     """
     cls = type(value)
-    if cls is str:
-        if _NUL in value:  # type: ignore[operator]
-            raise PayloadError(f"{path}: a string holds U+0000 (NUL), which is refused on "
-                               f"every backend (PostgreSQL jsonb cannot store it)")
-    elif cls is dict:
-        for k, v in value.items():  # type: ignore[union-attr]
-            if _NUL in k:
-                raise PayloadError(f"{path}: a key holds U+0000 (NUL), which is refused on "
-                                   f"every backend (PostgreSQL jsonb cannot store it)")
-            t = type(v)
-            if (t is str and _NUL in v) or t is dict or t is list:  # type: ignore[operator]
-                check_storable(v, f"{path}.{k}")
+    if cls is dict:
+        if _depth >= MAX_DEPTH:
+            raise _too_deep(path)
+        for k, v in value.items():  # type: ignore[attr-defined]
+            if k.__class__ is not str:
+                raise PayloadError(f"{path}: a dict key of type {type(k).__name__} is not a str")
+            if _NUL in k or not k.isascii():
+                bad = _bad_text(k)
+                if bad is not None:
+                    raise PayloadError(f"{path}: a key holds {bad}; refused on every backend")
+            t = v.__class__
+            if t is str:
+                if _NUL in v or not v.isascii():
+                    _check_text(v, f"{path}.{k}")
+            elif t is float:
+                if v - v != 0:  # inf - inf and nan - nan are nan; finite - itself is 0
+                    check_storable(v, f"{path}.{k}", _depth + 1)
+            elif t not in _PLAIN:
+                check_storable(v, f"{path}.{k}", _depth + 1)
     elif cls is list:
+        if _depth >= MAX_DEPTH:
+            raise _too_deep(path)
         for i, v in enumerate(value):  # type: ignore[arg-type]
-            t = type(v)
-            if (t is str and _NUL in v) or t is dict or t is list:  # type: ignore[operator]
-                check_storable(v, f"{path}[{i}]")
+            t = v.__class__
+            if t is str:
+                if _NUL in v or not v.isascii():
+                    _check_text(v, f"{path}[{i}]")
+            elif t is float:
+                if v - v != 0:  # inf - inf and nan - nan are nan; finite - itself is 0
+                    check_storable(v, f"{path}[{i}]", _depth + 1)
+            elif t not in _PLAIN:
+                check_storable(v, f"{path}[{i}]", _depth + 1)
+    elif cls is str:
+        _check_text(value, path)  # type: ignore[arg-type]
+    elif cls is float:
+        if not math.isfinite(value):  # type: ignore[arg-type]
+            raise PayloadError(f"{path}: {value!r} is not a finite number and JSON cannot hold it")
+    elif cls not in _PLAIN:
+        # The type, never the value: error messages and logs carry no payload data.
+        raise PayloadError(
+            f"{path}: a {cls.__name__} is not plain JSON (dict, list, str, int, float, bool, "
+            f"None); convert it with Event.set_payload")
 
+
+def _check_text(text: str, path: str) -> None:
+    bad = _bad_text(text)
+    if bad is not None:
+        raise PayloadError(f"{path}: a string holds {bad}; refused on every backend")
+
+
+def _too_deep(path: str) -> PayloadError:
+    return PayloadError(f"{path}: nested deeper than {MAX_DEPTH} levels of dicts and lists")
 
 
 def _default(value: object) -> Any:

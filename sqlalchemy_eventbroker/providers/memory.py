@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Sequence
 
+from .. import _json
 from .._threads import QuietThread
 from ..errors import ProviderError
 from ..event import Event, EventStatus
@@ -77,6 +78,9 @@ class MemoryProvider(ProviderBase):
             raise ProviderError("memory provider is closed")
 
     def store(self, event: Event) -> None:
+        # The one payload check every provider applies (the broker's path ran it in validate).
+        _json.check_storable(event.payload, "payload")
+        _json.check_storable(event.metadata, "metadata")
         with self._lock:
             self._check_open()
             self._keep((event.clone(),))

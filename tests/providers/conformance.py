@@ -36,6 +36,7 @@ except where a test must show that something does *not* happen within a bounded 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import threading
 import time
 from collections import Counter
@@ -268,6 +269,45 @@ class ProviderConformance:
                 assert info.value.field == name
                 assert str(limit) in str(info.value)
                 assert provider.get(e.id) is None
+        finally:
+            broker.stop(timeout=5)
+
+    @pytest.mark.parametrize(
+        ("payload", "path"),
+        [
+            pytest.param({"x": float("nan")}, "payload.x", id="nan"),
+            pytest.param({"x": [1, float("inf")]}, "payload.x[1]", id="inf"),
+            pytest.param({"x": b"raw"}, "payload.x", id="bytes"),
+            pytest.param({"x": {1, 2}}, "payload.x", id="set"),
+            pytest.param({"x": object()}, "payload.x", id="object"),
+            pytest.param({"x": "a\ud800b"}, "payload.x", id="lone-surrogate"),
+            pytest.param({"\udfff": 1}, "payload", id="surrogate-key"),
+            pytest.param({1: "a"}, "payload", id="int-key"),
+            pytest.param(functools.reduce(lambda v, _: [v], range(900), 0), "payload[0]",
+                         id="900-deep"),
+        ],
+    )
+    def test_payload__one_check_on_every_provider(self, provider: BusProvider, payload: Any,
+                                                  path: str) -> None:
+        """What is not plain storable JSON is refused with a ``PayloadError`` naming its path,
+        the same on every provider: by ``publish`` (through ``validate()``) and by a direct
+        ``store``; nothing is stored and the provider stays usable."""
+        from sqlalchemy_eventbroker import PayloadError
+
+        broker = Broker(provider=provider, mode="sync", instance_id="p", close_provider=False)
+        broker.start()
+        try:
+            e = _event("public.docs.create")
+            e.payload = payload
+            with pytest.raises(PayloadError) as info:
+                broker.publish(e)
+            assert str(info.value).startswith(path)
+            with pytest.raises(PayloadError):
+                provider.store(e)
+            assert provider.get(e.id) is None
+            fine = _event("public.docs.create", {"ok": [1.5, "é", None, True]})
+            broker.publish(fine)
+            assert provider.get(fine.id).payload == fine.payload  # type: ignore[union-attr]
         finally:
             broker.stop(timeout=5)
 

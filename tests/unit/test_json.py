@@ -152,3 +152,44 @@ def test_property__json_values_unchanged(value: object) -> None:
     """A value that already is JSON comes back equal, and survives dumps/loads."""
     assert to_jsonable(value) == value
     assert loads(dumps(value)) == value
+
+
+def _nested(depth: int) -> object:
+    value: object = 0
+    for i in range(depth):
+        value = [value] if i % 2 else {"k": value}
+    return value
+
+
+def test_depth__max_depth_passes_one_more_is_refused() -> None:
+    """Payloads nested MAX_DEPTH deep are accepted by set_payload, validate and clone; one level
+    more is a PayloadError from both, never a RecursionError (issue 11, row 14)."""
+    from sqlalchemy_eventbroker._json import MAX_DEPTH, check_storable, to_jsonable
+    from sqlalchemy_eventbroker.errors import PayloadError
+    from sqlalchemy_eventbroker.event import EventSource, new_event
+
+    assert MAX_DEPTH == 100
+    ok = new_event(EventSource.SYSTEM, "a.b.c", _nested(MAX_DEPTH))
+    ok.validate()
+    assert ok.clone().payload == ok.payload
+    for deep in (_nested(MAX_DEPTH + 1), _nested(5000)):
+        with pytest.raises(PayloadError, match="nested deeper than 100"):
+            to_jsonable(deep)
+        with pytest.raises(PayloadError, match="nested deeper than 100"):
+            check_storable(deep)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [float("nan"), b"x", {1}, (1,), object(), "\ud800", {"a\x00": 1}, {2: 1}],
+    ids=["nan", "bytes", "set", "tuple", "object", "surrogate", "nul-key", "int-key"],
+)
+def test_check_storable__refuses_what_is_not_plain_json(value: object) -> None:
+    """The one payload check refuses every non-plain value with a PayloadError that names
+    the path and never the value."""
+    from sqlalchemy_eventbroker._json import check_storable
+    from sqlalchemy_eventbroker.errors import PayloadError
+
+    with pytest.raises(PayloadError) as info:
+        check_storable({"v": [value]})  # type: ignore[dict-item]
+    assert str(info.value).startswith("payload.v")

@@ -18,6 +18,7 @@ import nats.js.kv
 from nats.aio.msg import Msg
 from nats.js import api
 
+from ... import _json
 from ..._json import dumps, loads
 from ..._types import JSON
 from ...errors import ProviderError
@@ -207,6 +208,8 @@ class NatsProvider(RemoteProvider[_NatsFanoutStream]):
 
     def store(self, event: Event) -> None:
         """Store ``event`` now (one put, acknowledged)."""
+        _json.check_storable(event.payload, "payload")
+        _json.check_storable(event.metadata, "metadata")
         ((key, value),) = self._store_items((event,))
 
         async def put() -> None:

@@ -13,6 +13,7 @@ import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
+from ... import _json
 from ..._json import loads
 from ..._threads import QuietThread
 from ..._types import JSON
@@ -181,6 +182,8 @@ class RedisProvider(RemoteProvider[_FanoutStream]):
 
     def store(self, event: Event) -> None:
         """Store ``event`` now (one script call)."""
+        _json.check_storable(event.payload, "payload")
+        _json.check_storable(event.metadata, "metadata")
         self._write((event,), publish=False)
 
     def store_and_publish_many(self, events: Sequence[Event], *, origin: str = "") -> None:
