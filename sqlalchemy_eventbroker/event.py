@@ -12,7 +12,7 @@ from typing import Any, Self, TypeVar
 
 from . import _json
 from ._types import JSON
-from .errors import EventValidationError
+from .errors import EventValidationError, PayloadError
 
 __all__ = [
     "FIELD_LIMITS",
@@ -221,8 +221,11 @@ class Event:
                 ``str`` or is longer than its limit in :data:`FIELD_LIMITS` (``type``,
                 ``session_id`` and ``instance_id`` 255 characters, ``schema`` and ``entity``
                 128, ``operation`` 64).
-            PayloadError: a string of the payload or metadata holds U+0000 (refused on
-                every backend; the message names the path, never the text).
+                Also a wrong type in ``retry_count``, ``user_id``, ``error``, ``key``,
+                the timestamps (aware ``datetime``) or ``metadata`` (``dict``).
+            PayloadError: payload or metadata is not plain storable JSON (see
+                ``_json.check_storable``: NaN, bytes, sets, objects, U+0000, lone surrogates,
+                nesting deeper than 100); the message names the path, never the value.
         """
         if not isinstance(self.id, str) or not self.id:
             raise EventValidationError("event.id: must be a non-empty string", field="id")
@@ -260,6 +263,18 @@ class Event:
             raise EventValidationError(
                 "event.created_at: expected a timezone-aware datetime", field="created_at"
             )
+        if (self.processed_at is not None or self.completed_at is not None) \
+                and not (_aware_or_none(self.processed_at)
+                         and _aware_or_none(self.completed_at)):
+            name = "processed_at" if not _aware_or_none(self.processed_at) else "completed_at"
+            raise EventValidationError(
+                f"event.{name}: expected a timezone-aware datetime or None", field=name)
+        if self.error.__class__ is not str and not isinstance(self.error, str):
+            raise EventValidationError(
+                f"event.error: expected a str, got {type(self.error).__name__}", field="error")
+        if self.key.__class__ is not str and not isinstance(self.key, str):
+            raise EventValidationError(
+                f"event.key: expected a str, got {type(self.key).__name__}", field="key")
         if not isinstance(self.metadata, dict):
             raise EventValidationError(
                 f"event.metadata: expected a dict, got {type(self.metadata).__name__}",
@@ -298,32 +313,45 @@ class Event:
     def from_dict(cls, d: Mapping[str, Any]) -> Self:
         """Rebuild an event from :meth:`to_dict` output.
 
+        Every field is checked for its type, and payload and metadata as :meth:`validate`
+        checks them, so that a rebuilt event can be stored and encoded again.
+
         Raises:
-            EventValidationError: a field is missing or malformed; names it.
+            EventValidationError: a field is missing or malformed; names it (never its value
+                when that is payload or metadata).
         """
+        if not isinstance(d, Mapping):
+            raise EventValidationError(
+                f"event: expected a mapping, got {type(d).__name__}", field="")
         try:
-            return cls(
-                d["id"],
+            event = cls(
+                _text(d, "id", required=True),
                 _enum(d, "source", _SOURCES),
-                d["type"],
+                _text(d, "type", required=True),
                 _enum(d, "status", _STATUSES) if "status" in d else EventStatus.PENDING,
-                int(d.get("retry_count") or 0),
-                d.get("error") or "",
+                _count(d, "retry_count"),
+                _text(d, "error"),
                 d.get("payload"),
-                d.get("user_id"),
-                d.get("session_id") or "",
-                d.get("instance_id") or "",
-                d.get("schema") or "",
-                d.get("entity") or "",
-                d.get("operation") or "",
+                _optional_int(d, "user_id"),
+                _text(d, "session_id"),
+                _text(d, "instance_id"),
+                _text(d, "schema"),
+                _text(d, "entity"),
+                _text(d, "operation"),
                 _time(d, "created_at") or _now(),
                 _time(d, "processed_at"),
                 _time(d, "completed_at"),
-                dict(d.get("metadata") or {}),
-                d.get("key") or "",
+                _metadata(d),
+                _text(d, "key"),
             )
         except KeyError as exc:
             raise EventValidationError(f"event.{exc.args[0]}: missing", field=exc.args[0]) from None
+        for name in ("payload", "metadata"):
+            try:
+                _json.check_storable(getattr(event, name), name)
+            except PayloadError as exc:
+                raise EventValidationError(f"event.{exc}", field=name) from None
+        return event
 
     def to_json(self) -> str:
         """Compact JSON text of :meth:`to_dict`."""
@@ -331,17 +359,28 @@ class Event:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Self:
-        """Rebuild an event from :meth:`to_json` output."""
+        """Rebuild an event from :meth:`to_json` output.
+
+        Raises:
+            EventValidationError: the text is not JSON, not an object, or a field is
+                malformed (see :meth:`from_dict`).
+        """
         try:
             data = _json.loads(text)
-        except ValueError as exc:
-            raise EventValidationError(f"event: not valid JSON: {exc}") from exc
+        except (ValueError, TypeError) as exc:
+            raise EventValidationError(f"event: not valid JSON: {exc}") from None
+        except RecursionError:
+            raise EventValidationError("event: JSON text nested too deeply") from None
         if not isinstance(data, dict):
             raise EventValidationError("event: JSON text is not an object")
         return cls.from_dict(data)
 
 
 _blank = object.__new__
+
+
+def _aware_or_none(value: object) -> bool:
+    return value is None or (isinstance(value, dt.datetime) and value.tzinfo is not None)
 
 
 def _too_long(value: object, limit: int) -> bool:
@@ -368,9 +407,49 @@ def _enum(d: Mapping[str, Any], key: str, members: Mapping[str, Any]) -> Any:
     try:
         return members[value]
     except (KeyError, TypeError):
+        shown = repr(value) if isinstance(value, str) and len(value) <= 64 \
+            else f"a {type(value).__name__}"
         raise EventValidationError(
-            f"event.{key}: {value!r} is not one of {', '.join(members)}", field=key
+            f"event.{key}: {shown} is not one of {', '.join(members)}", field=key
         ) from None
+
+
+def _text(d: Mapping[str, Any], key: str, *, required: bool = False) -> str:
+    value = d[key] if required else d.get(key)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        raise EventValidationError(
+            f"event.{key}: expected a str, got {type(value).__name__}", field=key)
+    return value
+
+
+def _count(d: Mapping[str, Any], key: str) -> int:
+    value = d.get(key)
+    if value is None:
+        return 0
+    if value.__class__ is bool or not isinstance(value, int) or value < 0:
+        raise EventValidationError(
+            f"event.{key}: expected an int >= 0, got {type(value).__name__}", field=key)
+    return value
+
+
+def _optional_int(d: Mapping[str, Any], key: str) -> int | None:
+    value = d.get(key)
+    if value is not None and (value.__class__ is bool or not isinstance(value, int)):
+        raise EventValidationError(
+            f"event.{key}: expected an int or null, got {type(value).__name__}", field=key)
+    return value
+
+
+def _metadata(d: Mapping[str, Any]) -> dict[str, JSON]:
+    value = d.get("metadata")
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise EventValidationError(
+            f"event.metadata: expected an object, got {type(value).__name__}", field="metadata")
+    return dict(value)
 
 
 def _time(d: Mapping[str, Any], key: str) -> dt.datetime | None:
@@ -383,8 +462,10 @@ def _time(d: Mapping[str, Any], key: str) -> dt.datetime | None:
         try:
             parsed = dt.datetime.fromisoformat(value)
         except (TypeError, ValueError):
+            shown = repr(value) if isinstance(value, str) and len(value) <= 64 \
+                else f"a {type(value).__name__}"
             raise EventValidationError(
-                f"event.{key}: {value!r} is not an ISO-8601 timestamp", field=key
+                f"event.{key}: {shown} is not an ISO-8601 timestamp", field=key
             ) from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)

@@ -118,3 +118,35 @@ def test_close__leaves_no_threads_or_connections(nats_url: str, unique_name: str
     assert [t.name for t in threading.enumerate() if name in t.name] == []
     with pytest.raises(ProviderError, match="closed"):
         p.update_status(e.id, EventStatus.FAILED)
+
+
+def test_corrupt_stored_entry__skipped_and_logged_by_list_and_get(
+        nats_url: str, unique_name: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A key-value entry that is not a readable event is skipped by ``list()`` and read as
+    absent by ``get()``, logged with its id (issue 11, row 13)."""
+    import asyncio
+    import logging
+
+    import nats as nats_client
+
+    from sqlalchemy_eventbroker import EventFilter, EventSource, new_event
+
+    with NatsProvider(nats_url, stream_name=f"T{unique_name}", storage="memory") as p:
+        try:
+            good, broken = (new_event(EventSource.SYSTEM, "a.b.c", {"i": i}) for i in range(2))
+            p.store(good)
+            p.store(broken)
+
+            async def corrupt() -> None:
+                nc = await nats_client.connect(nats_url)
+                kv = await nc.jetstream().key_value(p.bucket)
+                await kv.put(broken.id, b'{"id": [], "type": 1}')
+                await nc.close()
+
+            asyncio.run(corrupt())
+            with caplog.at_level(logging.ERROR, logger="sqlalchemy_eventbroker.providers.nats"):
+                assert [e.id for e in p.list(EventFilter())] == [good.id]
+                assert p.get(broken.id) is None
+            assert broken.id in caplog.text and "unreadable" in caplog.text
+        finally:
+            p.drop()

@@ -124,3 +124,36 @@ def test_close__leaves_no_threads(redis_url: str, unique_name: str) -> None:
     finally:
         p.close()
     assert [t.name for t in threading.enumerate() if name in t.name] == []
+
+
+def test_corrupt_stored_entry__skipped_and_logged_by_list_and_get(
+        redis_url: str, unique_name: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A stored hash that is not valid JSON, or holds a malformed field, is skipped by
+    ``list()`` and read as absent by ``get()``, each logged with its id; the other events are
+    listed as before (issue 11, row 13)."""
+    import logging
+
+    import redis
+
+    from sqlalchemy_eventbroker import EventFilter, EventSource, new_event
+
+    stream = f"test:{unique_name}"
+    with RedisProvider(redis_url, stream_name=stream) as p:
+        try:
+            good, broken, wrong = (new_event(EventSource.SYSTEM, "a.b.c", {"i": i})
+                                   for i in range(3))
+            for e in (good, broken, wrong):
+                p.store(e)
+            raw = redis.Redis.from_url(redis_url, decode_responses=True)
+            raw.hset(f"{stream}:ev:{broken.id}", "json", "{not json")
+            raw.hset(f"{stream}:ev:{wrong.id}", "json",
+                     wrong.to_json().replace('"type":"a.b.c"', '"type":5'))
+            raw.close()
+            with caplog.at_level(logging.ERROR, logger="sqlalchemy_eventbroker.providers.redis"):
+                assert [e.id for e in p.list(EventFilter())] == [good.id]
+                assert p.get(broken.id) is None and p.get(wrong.id) is None
+                assert p.get(good.id) is not None
+            logged = caplog.text
+            assert broken.id in logged and wrong.id in logged and "unreadable" in logged
+        finally:
+            p.drop()

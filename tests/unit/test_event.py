@@ -510,3 +510,50 @@ def test_validate__field_limits(name: str, limit: int) -> None:
     with pytest.raises(EventValidationError) as info:
         e.validate()
     assert info.value.field == name
+
+
+def _good_dict() -> dict[str, Any]:
+    return new_event(EventSource.SYSTEM, "public.users.create", {"a": 1}).to_dict()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("id", 5), ("id", None), ("type", ["x"]), ("source", [1]), ("source", "nope"),
+        ("status", {}), ("retry_count", "x"), ("retry_count", 1.5), ("retry_count", -1),
+        ("retry_count", True), ("error", 0), ("user_id", "7"), ("user_id", True),
+        ("session_id", 1), ("instance_id", []), ("schema", 1), ("entity", 2.0),
+        ("operation", {}), ("key", 3), ("created_at", 5), ("created_at", "yesterday"),
+        ("processed_at", []), ("metadata", "abc"), ("metadata", [["a", 1]]),
+        ("metadata", {"k": float("nan")}), ("payload", {"k": b"x"}), ("payload", {1, 2}),
+        ("payload", "\ud800"),
+    ],
+)
+def test_from_dict__malformed_field_is_event_validation_error_naming_it(
+        field: str, value: object) -> None:
+    """A malformed field gives EventValidationError with ``.field`` set, never a raw
+    ValueError/TypeError, and never an event that to_json() then fails on (issue 11, row 13)."""
+    d = _good_dict()
+    d[field] = value
+    with pytest.raises(EventValidationError) as info:
+        Event.from_dict(d)
+    assert info.value.field == field
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["[" * 100_000 + "]" * 100_000, '{"id": "x", "source": "system", "type": "a", "payload": '
+     + "[" * 5000 + "]" * 5000 + "}", "NaN", "[1]", "\"s\"", b"\xff\xfe", "{"],
+    ids=["deep-array", "deep-payload", "nan", "list", "string", "bad-bytes", "truncated"],
+)
+def test_from_json__malformed_text_is_event_validation_error(text: str | bytes) -> None:
+    """Malformed JSON text, too-deep nesting or a non-object is an EventValidationError, never
+    a JSONDecodeError, UnicodeDecodeError or RecursionError."""
+    with pytest.raises(EventValidationError):
+        Event.from_json(text)
+
+
+def test_from_dict__not_a_mapping() -> None:
+    """A non-mapping is an EventValidationError."""
+    with pytest.raises(EventValidationError):
+        Event.from_dict(["id", "x"])  # type: ignore[arg-type]

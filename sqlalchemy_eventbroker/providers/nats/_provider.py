@@ -21,7 +21,7 @@ from nats.js import api
 from ... import _json
 from ..._json import dumps, loads
 from ..._types import JSON
-from ...errors import ProviderError
+from ...errors import EventValidationError, ProviderError
 from ...event import Event, EventStatus
 from .._loop import LoopClosed, LoopThread
 from .._remote import RemoteProvider
@@ -226,7 +226,13 @@ class NatsProvider(RemoteProvider[_NatsFanoutStream]):
             return None
         if entry.value is None:
             return None
-        return Event.from_json(entry.value), int(entry.revision or 0)
+        try:
+            return Event.from_json(entry.value), int(entry.revision or 0)
+        except EventValidationError as exc:
+            # A corrupt entry is logged with its id and treated as absent, never fatal.
+            log.error("nats: stored event %s in bucket %s is unreadable and skipped: %s",
+                      event_id, self.bucket, exc)
+            return None
 
     def get(self, event_id: str) -> Event | None:
         found = self._run(self._get(event_id))
@@ -249,7 +255,11 @@ class NatsProvider(RemoteProvider[_NatsFanoutStream]):
         async def on_msg(msg: Msg) -> None:
             op = msg.headers.get("KV-Operation") if msg.headers else None
             if op is None and msg.data:
-                events.append(Event.from_json(msg.data))
+                try:
+                    events.append(Event.from_json(msg.data))
+                except EventValidationError as exc:
+                    log.error("nats: stored event %s in bucket %s is unreadable and skipped: %s",
+                              msg.subject.rpartition(".")[2], self.bucket, exc)
             if msg.metadata.sequence.stream >= last and not done.done():
                 done.set_result(None)
 

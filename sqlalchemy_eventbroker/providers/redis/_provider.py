@@ -17,6 +17,7 @@ from ... import _json
 from ..._json import loads
 from ..._threads import QuietThread
 from ..._types import JSON
+from ...errors import EventValidationError
 from ...event import Event, EventStatus
 from ...pattern import validate_pattern
 from .._backoff import Backoff
@@ -48,13 +49,35 @@ def _iso(t: dt.datetime | None) -> str:
 
 
 def _event_from_hash(h: dict[str, str]) -> Event:
-    d = loads(h["json"])
+    """The event a stored hash holds.
+
+    Raises:
+        EventValidationError: the hash is corrupt (not JSON, a field malformed).
+    """
+    try:
+        d = loads(h["json"])
+        retry_count = int(h.get("retry_count") or 0)
+    except (KeyError, ValueError, TypeError, RecursionError) as exc:
+        raise EventValidationError(f"stored event: unreadable ({type(exc).__name__})") from None
+    if not isinstance(d, dict):
+        raise EventValidationError("stored event: JSON is not an object")
     d["status"] = h.get("status") or d.get("status")
-    d["retry_count"] = int(h.get("retry_count") or 0)
+    d["retry_count"] = retry_count
     d["error"] = h.get("error") or ""
     d["processed_at"] = h.get("processed_at") or None
     d["completed_at"] = h.get("completed_at") or None
     return Event.from_dict(d)
+
+
+def _readable(h: dict[str, str], event_id: str, address: str) -> Event | None:
+    # One corrupt hash (written by hand, by another program, or an older version) must not
+    # make every list() fail: it is logged with its id and passed over.
+    try:
+        return _event_from_hash(h)
+    except EventValidationError as exc:
+        log.error("redis at %s: stored event %s is unreadable and skipped: %s", address,
+                  event_id, exc)
+        return None
 
 
 class _FanoutStream(QueueEventStream):
@@ -197,7 +220,7 @@ class RedisProvider(RemoteProvider[_FanoutStream]):
         self._check_open()
         with self._translate_errors():
             h = self._client.hgetall(self._event_prefix + event_id)
-        return _event_from_hash(h) if h else None
+        return _readable(h, event_id, self._address) if h else None
 
     def list(self, filter: EventFilter) -> list[Event]:
         """Stored events passing ``filter``, oldest ``created_at`` first (ties by id).
@@ -221,10 +244,12 @@ class RedisProvider(RemoteProvider[_FanoutStream]):
                 pipe = self._client.pipeline(transaction=False)
                 for event_id in ids:
                     pipe.hgetall(self._event_prefix + event_id)
-                for h in pipe.execute():
+                for event_id, h in zip(ids, pipe.execute(), strict=True):
                     if not h:
                         continue  # deleted between the two reads
-                    event = _event_from_hash(h)
+                    event = _readable(h, event_id, self._address)
+                    if event is None:
+                        continue
                     if not filter.matches(event):
                         continue
                     if skip:
