@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 
 from .errors import ConfigError
 
@@ -23,8 +24,15 @@ __all__ = ["as_bool", "as_choice", "as_float", "as_int", "as_str", "fail", "pars
 # checked exactly like loaded ones.
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = 80
+_SHORT.maxother = 80
+_SHORT.maxlevel = 3
+
+
 def fail(path: str, expected: str, value: object) -> ConfigError:
-    return ConfigError(f"{path}: expected {expected}, got {value!r}", path=path)
+    # A bounded repr: the value may be huge, deeply nested or full of shared references.
+    return ConfigError(f"{path}: expected {expected}, got {_SHORT.repr(value)}", path=path)
 
 
 def as_int(value: object, path: str, *, minimum: int, maximum: int | None = None) -> int:

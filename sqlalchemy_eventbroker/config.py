@@ -28,7 +28,11 @@ expected and what was found:
   in an application's own config file beside unrelated keys.
 * ``${VAR}`` and ``${VAR:-default}`` in string values expand from the environment (``:-`` uses
   the default when the variable is unset *or* empty, as in the shell); ``$${`` is a literal
-  ``${``. An unset variable without a default is an error naming it.
+  ``${``. An unset variable without a default is an error naming it, and so is a default
+  that holds another reference (``${A:-${B}}`` is not supported).
+* Bounds: ``worker_count`` is at most 1024, ``buffer_size`` and ``memory.max_events`` at most
+  10,000,000. A document holds at most 10,000 values (a YAML alias counts once per use, so an
+  alias bomb is refused) nested at most 32 deep.
 * Numbers and booleans may be given as strings (``"10"``, ``"true"``), so that values can come
   from environment variables.
 * Durations are numbers of seconds or strings with a unit: ``"500ms"``, ``"1s"``, ``"2m"``,
@@ -76,6 +80,10 @@ __all__ = [
 
 ROOT = "event_broker"
 
+#: Upper bounds of ``worker_count`` (threads) and of ``buffer_size`` / ``memory.max_events``.
+MAX_WORKER_COUNT = 1024
+MAX_BUFFER_SIZE = 10_000_000
+
 ProviderName = Literal["memory", "database", "redis", "nats"]
 ModeName = Literal["sync", "async"]
 PROVIDERS: tuple[str, ...] = ("memory", "database", "redis", "nats")
@@ -98,7 +106,9 @@ class MemoryConfig:
 
     def __post_init__(self) -> None:
         p = f"{ROOT}.memory"
-        set_field(self, "max_events", as_int(self.max_events, f"{p}.max_events", minimum=1))
+        set_field(self, "max_events", _at_most(
+            as_int(self.max_events, f"{p}.max_events", minimum=1), f"{p}.max_events",
+            maximum=MAX_BUFFER_SIZE))
         set_field(self, "cleanup_interval",
                   parse_duration(self.cleanup_interval, f"{p}.cleanup_interval", positive=True))
         set_field(self, "max_age", parse_duration(self.max_age, f"{p}.max_age"))
@@ -189,6 +199,12 @@ class MetricsConfig:
         set_field(self, "addr", as_str(self.addr, f"{p}.addr"))
 
 
+def _at_most(value: int, path: str, *, maximum: int) -> int:
+    if value > maximum:
+        raise ConfigError(f"{path}: expected int <= {maximum}, got {value}", path=path)
+    return value
+
+
 def _check_retry_policy(value: object, path: str) -> RetryPolicy:
     if isinstance(value, RetryPolicy):
         return value
@@ -245,8 +261,12 @@ class EventBrokerConfig:
         set_field(self, "enabled", as_bool(self.enabled, f"{p}.enabled"))
         set_field(self, "provider", as_choice(self.provider, f"{p}.provider", PROVIDERS))
         set_field(self, "mode", as_choice(self.mode, f"{p}.mode", MODES))
-        set_field(self, "worker_count", as_int(self.worker_count, f"{p}.worker_count", minimum=1))
-        set_field(self, "buffer_size", as_int(self.buffer_size, f"{p}.buffer_size", minimum=1))
+        set_field(self, "worker_count", _at_most(
+            as_int(self.worker_count, f"{p}.worker_count", minimum=1), f"{p}.worker_count",
+            maximum=MAX_WORKER_COUNT))
+        set_field(self, "buffer_size", _at_most(
+            as_int(self.buffer_size, f"{p}.buffer_size", minimum=1), f"{p}.buffer_size",
+            maximum=MAX_BUFFER_SIZE))
         set_field(self, "instance_id", as_str(self.instance_id, f"{p}.instance_id", required=False))
         set_field(self, "retry_policy", _check_retry_policy(self.retry_policy, f"{p}.retry_policy"))
         for name, cls in _SECTIONS.items():
@@ -317,6 +337,34 @@ def _redact_url(url: str) -> str:
 
 # -- loading -------------------------------------------------------------------------------
 
+#: Upper bounds of a configuration document: it is small, hand-written data. Larger or deeper
+#: input (a YAML alias bomb expands exponentially; deep nesting exhausts the recursion limit)
+#: is refused with ``ConfigError`` before anything walks it recursively.
+MAX_CONFIG_NODES = 10_000
+MAX_CONFIG_DEPTH = 32
+
+
+def _check_shape(data: object) -> None:
+    # Iterative and counting every visit, so shared (aliased) nodes count once per reference,
+    # as the expansion below would copy them.
+    budget = MAX_CONFIG_NODES
+    todo: list[tuple[object, int]] = [(data, 0)]
+    while todo:
+        value, depth = todo.pop()
+        budget -= 1
+        if budget < 0:
+            raise ConfigError(
+                f"{ROOT}: the configuration holds more than {MAX_CONFIG_NODES} values "
+                f"(YAML aliases count once per use)", path=ROOT)
+        if isinstance(value, Mapping | list):
+            if depth >= MAX_CONFIG_DEPTH:
+                raise ConfigError(
+                    f"{ROOT}: the configuration is nested deeper than {MAX_CONFIG_DEPTH} levels",
+                    path=ROOT)
+            items = value.values() if isinstance(value, Mapping) else value
+            todo.extend((v, depth + 1) for v in items)
+
+
 _TOP_LEVEL = ("enabled", "provider", "mode", "worker_count", "buffer_size", "instance_id",
               "retry_policy", *_SECTIONS)
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -347,6 +395,13 @@ def _expand(text: str, path: str, env: Mapping[str, str]) -> str:
                 path=path,
             )
         name, default = m.group(1), m.group(2)
+        if default is not None and "${" in default:
+            # ``[^}]*`` stops at the inner ``}``: ${A:-${B}} would silently become "${B}".
+            raise ConfigError(
+                f"{path}: a default may not hold another variable reference "
+                f"(${{{name}:-${{...}}}} is not supported); write the default literally",
+                path=path,
+            )
         value = env.get(name)
         if default is not None:
             out.append(value if value else default)
@@ -382,6 +437,10 @@ def _read_yaml(text: str, origin: str) -> object:
 
     try:
         return yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(
+            f"{ROOT}: {origin} is nested deeper than {MAX_CONFIG_DEPTH} levels", path=ROOT
+        ) from None
     except yaml.YAMLError as exc:
         detail = " ".join(str(exc).split())
         raise ConfigError(f"{ROOT}: {origin} is not valid YAML: {detail}", path=ROOT) from exc
@@ -430,11 +489,10 @@ def load_config(
         )
     if data is None:
         data = {}
+    _check_shape(data)
     if not isinstance(data, Mapping):
         hint = " (or the path of an existing YAML file)" if isinstance(source, str) else ""
-        raise ConfigError(
-            f"{ROOT}: expected a mapping of options{hint}, got {data!r:.80}", path=ROOT
-        )
+        raise fail(ROOT, f"a mapping of options{hint}", data)
     if ROOT in data:
         data = data[ROOT]
         if data is None:

@@ -685,3 +685,71 @@ def test_database_backstop_interval__a_duration_passed_to_the_provider() -> None
     assert cfg.database.backstop_interval == 0.25
     with pytest.raises(ConfigError, match="event_broker.database.backstop_interval"):
         load_config({"database": {"url": "sqlite://", "backstop_interval": 0}})
+
+
+def _alias_bomb() -> str:
+    lines = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
+    for i in range(8):
+        prev, name = chr(97 + i), chr(98 + i)
+        lines.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    lines.append("worker_count: *i")
+    return "\n".join(lines) + "\n"
+
+
+def test_yaml_alias_bomb__config_error_at_once() -> None:
+    """A few hundred bytes of nested YAML aliases (a billion references once expanded) is a
+    ConfigError in well under a second, not minutes of expansion (issue 11, row 10)."""
+    import time
+
+    bomb = _alias_bomb()
+    assert len(bomb) < 400
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="more than 10000 values") as info:
+        load_config(bomb)
+    assert info.value.path == "event_broker"
+    assert time.monotonic() - started < 2.0
+
+
+@pytest.mark.parametrize("source", ["yaml", "dict"])
+def test_deep_nesting__config_error_not_recursion_error(source: str) -> None:
+    """20,000 levels of nesting, as YAML text or as a dict, is a ConfigError."""
+    if source == "yaml":
+        doc: Any = "memory: " + "[" * 20_000 + "]" * 20_000
+    else:
+        doc = []
+        for _ in range(20_000):
+            doc = [doc]
+        doc = {"memory": doc}
+    with pytest.raises(ConfigError, match="nested deeper than 32"):
+        load_config(doc)
+
+
+def test_nested_default__refused() -> None:
+    """``${A:-${B}}`` is refused naming the key, instead of silently yielding ``${B}``."""
+    with pytest.raises(ConfigError, match="may not hold another variable") as info:
+        load_config({"instance_id": "${A:-${B}}"}, env={"B": "b"})
+    assert info.value.path == "event_broker.instance_id"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "path"),
+    [
+        ("worker_count", 99999999999999999999, "event_broker.worker_count"),
+        ("worker_count", "1025", "event_broker.worker_count"),
+        ("buffer_size", 10_000_001, "event_broker.buffer_size"),
+        ("memory", {"max_events": 10_000_001}, "event_broker.memory.max_events"),
+    ],
+)
+def test_upper_bounds__config_error(key: str, value: object, path: str) -> None:
+    """worker_count is at most 1024, buffer_size and memory.max_events at most 10,000,000."""
+    with pytest.raises(ConfigError, match="expected int <=") as info:
+        load_config({key: value})
+    assert info.value.path == path
+    assert load_config({"worker_count": 1024, "buffer_size": 10_000_000}).worker_count == 1024
+
+
+def test_bad_value__message_is_bounded() -> None:
+    """A huge wrong value is shown shortened, never whole."""
+    with pytest.raises(ConfigError) as info:
+        load_config({"worker_count": "x" * 100_000})
+    assert len(str(info.value)) < 300
