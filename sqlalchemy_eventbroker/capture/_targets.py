@@ -47,19 +47,20 @@ class Target:
         #: inheritance hierarchy), payload key = the column key.
         if mapper is not None:
             self.cols: tuple[tuple[str, str], ...] = tuple(
-                (prop.key, prop.columns[0].key) for prop in mapper.column_attrs
+                (prop.key, str(prop.columns[0].key)) for prop in mapper.column_attrs
             )
         else:
-            self.cols = tuple((c.key, c.key) for c in table.columns)
+            self.cols = tuple((str(c.key), str(c.key)) for c in table.columns)
         #: Columns an INSERT that did not mention them leaves NULL (no server-side value), so
         #: a new instance without the attribute loaded holds NULL there: no need to fetch.
         if mapper is not None:
             self.null_on_create = frozenset(
-                prop.columns[0].key for prop in mapper.column_attrs
+                str(prop.columns[0].key) for prop in mapper.column_attrs
                 if all(_plain_nullable(c) for c in prop.columns)
             )
         else:
-            self.null_on_create = frozenset(c.key for c in table.columns if _plain_nullable(c))
+            self.null_on_create = frozenset(
+                str(c.key) for c in table.columns if _plain_nullable(c))
         #: Payload keys of the primary key columns, in primary-key column order (``key``).
         self.pk_keys: tuple[str, ...] = _pk_keys(table, mapper)
         self.rank = _table_rank(table)

@@ -306,7 +306,8 @@ def test_bulk_update__one_event_per_row_and_rowcount_kept(h: Harness) -> None:
     for e in h.events:
         assert e.type == h.t("users", "update")
         assert (e.payload["score"], e.payload["status"]) == (8, "x")
-        assert e.metadata["changes"] == {"score": {"new": 8}, "status": {"new": "x"}}
+        assert e.metadata["changes"] == {"score": {"old": 7, "new": 8},
+                                         "status": {"old": "new", "new": "x"}}
         assert e.metadata["bulk"] is True
 
 
@@ -344,14 +345,15 @@ def test_bulk_insert__list_of_dicts_gives_one_event_per_row(h: Harness) -> None:
 
 
 def test_bulk_update_by_pk__events_hold_the_given_values(h: Harness) -> None:
-    """The ORM 'bulk UPDATE by primary key' form gives one event per dict, from its values."""
+    """The ORM 'bulk UPDATE by primary key' form gives one event per dict: the whole row
+    with the given values, and their old values in ``changes``."""
     ids = h.tx(lambda s: [_add_user(s, n).id for n in ("a", "b")])
     h.capture()
     h.tx(lambda s: s.execute(sa.update(User), [{"id": ids[0], "name": "A"},
                                               {"id": ids[1], "name": "B"}]))
-    assert [e.payload for e in h.events] == [{"id": ids[0], "name": "A"},
-                                             {"id": ids[1], "name": "B"}]
-    assert h.events[0].metadata["changes"] == {"name": {"new": "A"}}
+    assert [(e.payload["id"], e.payload["name"], e.payload["score"]) for e in h.events] == [
+        (ids[0], "A", 7), (ids[1], "B", 7)]
+    assert h.events[0].metadata["changes"] == {"name": {"old": "a", "new": "A"}}
 
 
 def test_bulk__user_returning_is_left_intact(h: Harness) -> None:
