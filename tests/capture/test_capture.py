@@ -366,6 +366,26 @@ def test_bulk__user_returning_is_left_intact(h: Harness) -> None:
     assert sorted(e.payload["id"] for e in h.events) == sorted(r.id for r in rows)
 
 
+def test_bulk_update__own_returning_events_hold_the_values_it_set(h: Harness) -> None:
+    """An UPDATE with its own ``returning()`` gives events with the values it set (literal
+    and SQL expression), merged with the rest of the row; the caller's rows are intact."""
+    ids = h.tx(lambda s: [_add_user(s, n).id for n in ("a", "b")])
+    h.capture()
+    rows = h.tx(lambda s: s.execute(
+        sa.update(User).where(User.id == ids[0]).values(name="z", score=User.score * 2)
+        .returning(User.id)).all())
+    assert [tuple(r) for r in rows] == [(ids[0],)]
+    [e] = h.events
+    assert e.payload == {"id": ids[0], "name": "z", "email": None, "status": "new", "score": 14}
+    assert e.metadata["changes"] == {"name": {"old": "a", "new": "z"},
+                                     "score": {"old": 7, "new": 14}}
+    h.recorder.clear()
+    h.tx(lambda s: s.execute(sa.update(User.__table__).values(status="s").returning(
+        User.__table__.c.name)).all())
+    assert sorted((e.payload["name"], e.payload["status"], e.metadata["changes"]["status"]["new"])
+                  for e in h.events) == [("b", "s", "s"), ("z", "s", "s")]
+
+
 def test_bulk__rolled_back_statement_publishes_nothing(h: Harness) -> None:
     """Bulk events wait for the commit like the rest."""
     h.tx(lambda s: s.add(User(name="a")))
