@@ -25,6 +25,7 @@ from typing import Any, TextIO
 
 from .config import load_config
 from .errors import BrokerError, ConfigError, PatternError
+from .providers._urls import redact_url
 
 __all__ = ["main"]
 
@@ -48,16 +49,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         parser.print_help(sys.stderr)
         return 2
+    url: str | None = getattr(args, "url", None)
     try:
         return handler(args)
     except (ConfigError, PatternError) as exc:  # bad input rather than a failed operation
-        _err(f"error: {exc}")
+        _err(_scrub(f"error: {exc}", url))
         return 2
     except (BrokerError, OSError, ImportError) as exc:
-        _err(f"error: {exc}")
+        _err(_scrub(f"error: {exc}", url))
         return 1
     except Exception as exc:  # noqa: BLE001 - a driver or Alembic error: say it, no traceback
-        _err(f"error: {type(exc).__name__}: {exc}")
+        _err(_scrub(f"error: {type(exc).__name__}: {exc}", url))
         return 1
 
 
@@ -161,12 +163,27 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _redact(url: str) -> str:
+    return redact_url(url)
+
+
+def _scrub(message: str, url: str | None) -> str:
+    """``message`` with every form of ``url``'s secrets masked: a driver's or Alembic's
+    message may quote the URL as given, or its password alone."""
+    if not url:
+        return message
+    message = message.replace(url, redact_url(url))
     import sqlalchemy as sa
 
     try:
-        return sa.make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - only for a message; the URL was used already
-        return "<url>"
+        parsed = sa.make_url(url)
+    except Exception:  # noqa: BLE001 - an unparsable URL has no password to find
+        return message
+    secrets = [parsed.password, *(v for k, v in parsed.query.items()
+                                  if k.lower() in ("password", "sslpassword"))]
+    for secret in secrets:
+        if isinstance(secret, str) and len(secret) >= 3:
+            message = message.replace(secret, "***")
+    return message
 
 
 # -- config ------------------------------------------------------------------------------------

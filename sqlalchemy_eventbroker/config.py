@@ -61,6 +61,7 @@ from ._config_values import (
 )
 from ._types import JSON
 from .errors import ConfigError
+from .providers._urls import redact_url
 from .retry import RetryPolicy
 
 if TYPE_CHECKING:
@@ -280,8 +281,9 @@ class EventBrokerConfig:
     def to_dict(self, *, redact: bool = False) -> dict[str, JSON]:
         """The configuration as plain data (durations in seconds), as ``load_config`` takes it.
 
-        With ``redact``, passwords (the Redis password and any in the database URL) are
-        replaced by ``***``, for printing.
+        With ``redact``, secrets are replaced by ``***``, for printing: the Redis password and
+        every secret of the database and NATS URLs (``user:password@``, ``token@``,
+        ``?password=``), as ``providers._urls.redact_url`` masks them everywhere.
         """
         out: dict[str, JSON] = {
             name: getattr(self, name)
@@ -297,7 +299,10 @@ class EventBrokerConfig:
             assert isinstance(redis, dict) and isinstance(database, dict)
             if redis["password"]:
                 redis["password"] = "***"
-            database["url"] = _redact_url(self.database.url)
+            database["url"] = redact_url(self.database.url)
+            nats = out["nats"]
+            assert isinstance(nats, dict)
+            nats["url"] = redact_url(self.nats.url)
         return out
 
 
@@ -329,10 +334,6 @@ def _reject_unknown(mapping: Mapping[Any, Any], known: tuple[str, ...], path: st
             raise ConfigError(
                 f"{key_path}: unknown key; expected one of {', '.join(known)}", path=key_path
             )
-
-
-def _redact_url(url: str) -> str:
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
 # -- loading -------------------------------------------------------------------------------

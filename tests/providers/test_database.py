@@ -790,3 +790,24 @@ def test_table_name__mixed_case_works_end_to_end(db_url: str) -> None:
             p.drop_schema()
         assert not {"MixedEvents", "MixedEvents_groups", "MixedEvents_claims"} & set(
             sa.inspect(p.engine).get_table_names())
+
+
+def test_errors__query_password_masked_in_repr_errors_and_hint(postgres_url: str) -> None:
+    """``?password=`` and ``sslpassword=`` in the URL never appear in ``repr(provider)``,
+    ``repr(Broker)``, ``address`` or the missing-table hint (issue 11, row 4)."""
+    from sqlalchemy_eventbroker import Broker, EventFilter
+
+    url = sa.make_url(postgres_url).set(
+        password=None, query={"password": "S3cr3tQ", "application_name": "eb"})
+    text = url.render_as_string(hide_password=False)
+    provider = DatabaseProvider(text, table_name="no_schema_here")
+    try:
+        broker = Broker(provider, close_provider=False)
+        shown = [repr(provider), repr(broker), provider.address]
+        with pytest.raises(ProviderError, match="missing") as info:
+            provider.list(EventFilter())
+        shown.append(str(info.value))
+        for s in shown:
+            assert "S3cr3tQ" not in s and "password=***" in s, s
+    finally:
+        provider.close()

@@ -150,3 +150,29 @@ def test_corrupt_stored_entry__skipped_and_logged_by_list_and_get(
             assert broken.id in caplog.text and "unreadable" in caplog.text
         finally:
             p.drop()
+
+
+@pytest.mark.parametrize("form", ["nats://{s}@{hp}", "u:{s}@{hp}", "nats://app:p@ss{s}@{hp}"])
+def test_url_secrets__masked_in_errors_and_reprs(nats_url: str, unique_name: str,
+                                                 form: str) -> None:
+    """A NATS token, a scheme-less ``u:pw@host`` and a password holding '@' never appear in a
+    ``ProviderError``, ``repr(provider)`` or ``repr(Broker)`` (issue 11, row 3)."""
+    from urllib.parse import urlsplit
+
+    from sqlalchemy_eventbroker import Broker
+
+    secret = "S3cr3tN"
+    with pytest.raises(ProviderError) as info:
+        NatsProvider(form.format(s=secret, hp="127.0.0.1:1"), connect_timeout=1)
+    assert secret not in str(info.value) and "127.0.0.1:1" in str(info.value)
+    if "p@ss" in form:
+        return  # the server has no such user; the error path above is what matters
+    hp = urlsplit(nats_url).netloc.rpartition("@")[2]
+    p = NatsProvider(form.format(s=secret, hp=hp), stream_name=f"T{unique_name}",
+                     storage="memory")
+    try:
+        for shown in (repr(p), repr(Broker(p, close_provider=False))):
+            assert secret not in shown and "***@" in shown, shown
+    finally:
+        p.drop()
+        p.close()

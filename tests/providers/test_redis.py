@@ -157,3 +157,10 @@ def test_corrupt_stored_entry__skipped_and_logged_by_list_and_get(
             assert broken.id in logged and wrong.id in logged and "unreadable" in logged
         finally:
             p.drop()
+
+
+def test_url_secrets__query_password_masked(redis_url: str) -> None:
+    """``?password=`` in a Redis URL is masked in the ``ProviderError`` (issue 11, row 4)."""
+    with pytest.raises(ProviderError) as info:
+        RedisProvider("redis://127.0.0.1:1/0?password=S3cr3tR", connect_timeout=1)
+    assert "S3cr3tR" not in str(info.value) and "password=***" in str(info.value)

@@ -233,3 +233,35 @@ def test_events_list__bad_pattern_is_two(stored: str, capsys: pytest.CaptureFixt
     """An invalid --type pattern is reported, not a traceback."""
     assert main(["events", "list", "--url", stored, "--type", "a..b"]) == 2
     assert "a..b" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["yaml", "json"])
+def test_config_check__redacts_every_url(tmp_path: pathlib.Path, fmt: str,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """NATS user:password (the password holding '@'), a NATS token and ?password= /
+    sslpassword= in the database URL are masked in YAML and JSON output (issue 11, rows 2, 4)."""
+    path = tmp_path / "eb.yaml"
+    path.write_text(
+        "nats: {url: 'nats://app:p@ss@S3cr3tA@h1:4222,nats://T0kenB@h2:4222,c:S3cr3tC@h3:4222'}\n"
+        "database: {url: 'postgresql+psycopg://me@db/app?password=S3cr3tD&sslpassword=S3cr3tE'}\n"
+        "redis: {password: S3cr3tF}\n")
+    assert main(["config", "check", str(path), "--format", fmt]) == 0
+    out = capsys.readouterr().out
+    for secret in ("p@ss", "S3cr3tA", "T0kenB", "S3cr3tC", "S3cr3tD", "S3cr3tE", "S3cr3tF"):
+        assert secret not in out, secret
+    assert "nats://app:***@h1:4222" in out and "nats://***@h2:4222" in out
+    assert "password=***" in out and "sslpassword=***" in out
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["postgresql+psycopg://u:S3cr3tX@127.0.0.1:1/x",
+     "postgresql+psycopg://u@127.0.0.1:1/x?password=S3cr3tX",
+     "postgresql+psycopg://u@127.0.0.1:1/x?sslpassword=S3cr3tX&connect_timeout=2"],
+)
+def test_events_list__error_hides_url_secrets(url: str,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A failed command's error message never shows the URL's password, in any form."""
+    assert main(["events", "list", "--url", url]) == 1
+    err = capsys.readouterr().err
+    assert "error" in err and "S3cr3tX" not in err

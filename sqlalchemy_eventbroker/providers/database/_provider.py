@@ -17,6 +17,7 @@ from sqlalchemy import exc as sa_exc
 from ...errors import ProviderError
 from ...event import Event, EventStatus
 from ...pattern import validate_pattern
+from .._urls import redact_url
 from ..base import EventFilter, ProviderBase, ProviderStats, StatusUpdate
 from . import _audit
 from ._codec import row_event, utc
@@ -130,8 +131,8 @@ class DatabaseProvider(ProviderBase):
 
     @property
     def address(self) -> str:
-        """The database URL without its password."""
-        return self.url.render_as_string(hide_password=True)
+        """The database URL without its secrets (password, ``?password=``/``sslpassword=``)."""
+        return redact_url(self.url.render_as_string(hide_password=False))
 
     def _repr_target(self) -> str:
         return f"{self.address!r}, table_name={self.table_name!r}"
