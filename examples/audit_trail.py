@@ -2,7 +2,9 @@
 
 Every committed change to ``accounts`` is captured with the acting user and request id
 (``event_context``), stored by the provider, and read back with ``provider.list`` and
-``broker.replay`` as a per-record history. Runs on SQLite with the memory provider::
+``broker.replay`` as a per-record history. Links of a many-to-many relationship (``accounts`` ↔ ``labels``
+through ``account_labels``) are captured as rows of their own, so replaying the events
+rebuilds the link table exactly. Runs on SQLite with the memory provider::
 
     python examples/audit_trail.py
 
@@ -19,8 +21,8 @@ import sys
 import tempfile
 from decimal import Decimal
 
-from sqlalchemy import Numeric, String, create_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy import Column, ForeignKey, Numeric, String, Table, create_engine, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 from sqlalchemy_eventbroker import (
     Broker,
@@ -36,12 +38,44 @@ class Base(DeclarativeBase):
     pass
 
 
+account_labels = Table(
+    "account_labels", Base.metadata,
+    Column("account_id", ForeignKey("accounts.id"), primary_key=True),
+    Column("label_id", ForeignKey("labels.id"), primary_key=True),
+)
+
+
+class Label(Base):
+    __tablename__ = "labels"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(30))
+
+
 class Account(Base):
     __tablename__ = "accounts"
 
     id: Mapped[int] = mapped_column(primary_key=True)
     owner: Mapped[str] = mapped_column(String(50))
     balance: Mapped[Decimal] = mapped_column(Numeric(12, 2))
+    labels: Mapped[list[Label]] = relationship(secondary=account_labels)
+
+
+def rebuild_links(broker: Broker) -> set[tuple[object, object]]:
+    """Replay every ``account_labels`` event, oldest first, into a set of links."""
+    links: set[tuple[object, object]] = set()
+
+    def apply(event: Event) -> None:
+        row = event.payload
+        assert isinstance(row, dict)
+        link = (row["account_id"], row["label_id"])
+        if event.operation == "create":
+            links.add(link)
+        else:
+            links.discard(link)
+
+    broker.replay("*.account_labels.*", apply)
+    return links
 
 
 def describe(event: Event) -> str:
@@ -100,6 +134,23 @@ def main(argv: list[str] | None = None) -> int:
         print("Replayed deletes:")
         replayed = broker.replay("*.accounts.delete", lambda e: print("  " + describe(e)))
         assert len(history) == 3 and replayed == 1, (len(history), replayed)
+
+        # Many-to-many: label accounts, move a label, then rebuild the links from events.
+        with factory.begin() as s:
+            vip, audit, risk = Label(name="vip"), Label(name="audit"), Label(name="risk")
+            bob = Account(owner="bob", balance=Decimal("5.00"), labels=[vip, audit])
+            eve = Account(owner="eve", balance=Decimal("7.00"), labels=[risk])
+            s.add_all([bob, eve])
+        with factory.begin() as s:
+            bob, eve = s.get_one(Account, bob.id), s.get_one(Account, eve.id)
+            bob.labels.remove(s.get_one(Label, audit.id))
+            eve.labels.append(s.get_one(Label, vip.id))
+        with factory.begin() as s:
+            table = {(a, b) for a, b in s.execute(select(account_labels)).all()}
+        rebuilt = rebuild_links(broker)
+        print(f"Replay rebuilt account_labels: {sorted(rebuilt)} "
+              f"({'matches' if rebuilt == table else 'DIFFERS FROM'} the table)")
+        assert rebuilt == table, (rebuilt, table)
 
         handle.remove()
         broker.stop()

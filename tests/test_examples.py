@@ -33,12 +33,14 @@ def test_quickstart__runs_and_prints_the_captured_events() -> None:
 
 @pytest.mark.parametrize("args", [(), ("--database",)], ids=["memory", "database"])
 def test_audit_trail__prints_who_changed_what(args: tuple[str, ...]) -> None:
-    """examples/audit_trail.py exits 0 with the history, without the rolled-back change."""
+    """examples/audit_trail.py exits 0 with the history, without the rolled-back change, and
+    replaying the link events rebuilds the many-to-many table."""
     proc = _run("examples/audit_trail.py", *args)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "update  by user 2   (request deposit-7): balance: 100.00 -> 125.50" in out, out
     assert "bad-9" not in out
+    assert "(matches the table)" in out, out
 
 
 def test_replicas__each_mail_once_every_replica_sees_every_change() -> None:

@@ -26,9 +26,13 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.orm.base import PASSIVE_NO_INITIALIZE
+from sqlalchemy.orm.state import InstanceState
+from sqlalchemy.sql.schema import Table
 
 from .._types import JSON
 from ..providers.base import TransactionalProvider
@@ -38,7 +42,6 @@ from ._targets import MISSING, Target, is_value, jsonable
 if TYPE_CHECKING:
     from sqlalchemy.engine import Dialect
     from sqlalchemy.orm import Mapper, Session, SessionTransaction
-    from sqlalchemy.orm.state import InstanceState
 
     from ..broker import Broker
     from ..event import Event
@@ -95,17 +98,17 @@ class UnitOfWork:
     def after_flush(self, session: Session, flush_context: Any) -> None:
         """``after_flush``: statements ran, history is still pre-flush: build the events."""
         try:
-            events = self._flush_events(session)
+            events = self._flush_events(session, flush_context)
             if events:
                 self.stash(session, events)
         except Exception as exc:  # noqa: BLE001 - never fail the user's flush
             self.capture.error(exc, "after_flush")
 
-    def _flush_events(self, session: Session) -> list[Event]:
+    def _flush_events(self, session: Session, flush_context: Any = None) -> list[Event]:
         capture = self.capture
         cfg = capture.config
         target_of = capture.target_of
-        items: list[tuple[int, int, int, str, InstanceState[Any], Target]] = []
+        items: list[tuple[int, int, int, str, Any, Target]] = []
         seq = 0
         if cfg.enable_create:
             for obj in session.new:
@@ -130,6 +133,15 @@ class UnitOfWork:
                 if t.captured:
                     items.append((1, -t.rank, seq, "delete", state, t))
                     seq += 1
+        if cfg.enable_create or cfg.enable_delete:
+            for op, row, t, state in self._association_rows(session, flush_context):
+                # The unit of work inserts link rows after both ends exist and deletes them
+                # before either end goes: creates after the entities', deletes before theirs.
+                if op == "create":
+                    items.append((0, t.rank, seq, op, (row, state), t))
+                else:
+                    items.append((1, -t.rank, seq, op, (row, state), t))
+                seq += 1
         if not items:
             return []
         items.sort(key=lambda i: i[:3])
@@ -139,7 +151,18 @@ class UnitOfWork:
         dialects: dict[Mapper[Any], Dialect] = {}
         events: list[Event] = []
         now = dt.datetime.now(UTC)  # one flush, one moment: the events of a flush share it
-        for _, _, _, op, state, t in items:
+        for _, _, _, op, item, t in items:
+            if isinstance(item, tuple):  # an association row: (payload, the owner's state)
+                row, owner = item
+                mapper = owner.mapper
+                dialect = dialects.get(mapper)
+                if dialect is None:
+                    dialect = dialects[mapper] = session.get_bind(mapper=mapper).dialect
+                event = make(t, dialect, op, row, by, broker, None, now)
+                if event is not None:
+                    events.append(event)
+                continue
+            state = item
             mapper = state.mapper
             dialect = dialects.get(mapper)
             if dialect is None:
@@ -196,6 +219,48 @@ class UnitOfWork:
             if event is not None:
                 events.append(event)
         return events
+
+    def _association_rows(self, session: Session, flush_context: Any
+                          ) -> list[tuple[str, dict[str, JSON], Target, InstanceState[Any]]]:
+        """Rows of ``relationship(secondary=...)`` tables this flush wrote, read from the
+        same attribute history the unit of work used (no statement)."""
+        cfg = self.capture.config
+        out: list[tuple[str, dict[str, JSON], Target, InstanceState[Any]]] = []
+        seen: set[tuple[str, Any, tuple[tuple[str, Any], ...]]] = set()
+        groups = ((session.new, False), (session.dirty, False), (session.deleted, True))
+        for objs, deleted in groups:
+            for obj in objs:
+                state = instance_state(obj)
+                for prop in _secondary_relationships(state.mapper):
+                    history = _history(flush_context, state, prop.key)
+                    if history is None:
+                        continue
+                    secondary: Any = prop.secondary
+                    t = self.capture.target(None, secondary)
+                    if not t.captured:
+                        continue
+                    if deleted:
+                        removed = list(history.unchanged or ()) + list(history.deleted or ())
+                        added: list[Any] = []
+                    else:
+                        removed = list(history.deleted or ())
+                        added = list(history.added or ())
+                    for op, children, enabled in (("delete", removed, cfg.enable_delete),
+                                                  ("create", added, cfg.enable_create)):
+                        if not enabled:
+                            continue
+                        for child in children:
+                            if child is None:
+                                continue
+                            child_state = (child if isinstance(child, InstanceState)
+                                           else instance_state(child))
+                            row = _association_row(prop, state, child_state)
+                            mark = (op, secondary, tuple(row.items()))
+                            if mark in seen:  # both sides of a two-way relationship
+                                continue
+                            seen.add(mark)
+                            out.append((op, row, t, state))
+        return out
 
     def stash(self, session: Session, events: list[Event]) -> None:
         """Keep ``events`` (built and checked) on the current transaction or savepoint, after
@@ -297,3 +362,44 @@ class UnitOfWork:
         elif transaction.parent is None:
             # Committed (published already), rolled back or closed: nothing survives.
             session.info.pop(self._key, None)
+
+
+def _secondary_relationships(mapper: Mapper[Any]) -> list[Any]:
+    """The writable ``relationship(secondary=<Table>)`` properties of ``mapper``."""
+    cached = _secondaries.get(mapper)
+    if cached is None:
+        cached = _secondaries[mapper] = [
+            p for p in mapper.relationships if isinstance(p.secondary, Table) and not p.viewonly]
+    return cached
+
+
+#: Per mapper, computed once (mappers are configured before their first flush).
+_secondaries: weakref.WeakKeyDictionary[Mapper[Any], list[Any]] = weakref.WeakKeyDictionary()
+
+
+def _history(flush_context: Any, state: InstanceState[Any], key: str) -> Any:
+    """The attribute history the flush used (cached on the flush context, collections it
+    loaded for a deleted parent included); never loads anything itself."""
+    if flush_context is not None:
+        try:
+            return flush_context.get_attribute_history(state, key, PASSIVE_NO_INITIALIZE)
+        except Exception:  # noqa: BLE001, S110 - fall back to the state's own history
+            pass
+    return state.get_history(key, PASSIVE_NO_INITIALIZE)
+
+
+def _association_row(prop: Any, parent: InstanceState[Any], child: InstanceState[Any]
+                     ) -> dict[str, JSON]:
+    """The secondary row linking ``parent`` and ``child``, in the table's column order."""
+    values: dict[Any, Any] = {}
+    for pairs, state in ((prop.synchronize_pairs, parent),
+                         (prop.secondary_synchronize_pairs, child)):
+        mapper = state.mapper
+        for source, dest in pairs:
+            attr = mapper.get_property_by_column(source).key
+            committed = state.committed_state
+            v = committed.get(attr, MISSING) if committed else MISSING
+            if v is MISSING or not is_value(v):
+                v = state.dict.get(attr, MISSING)
+            values[dest] = None if v is MISSING else jsonable(v)
+    return {str(c.key): values[c] for c in prop.secondary.columns if c in values}
