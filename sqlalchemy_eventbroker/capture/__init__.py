@@ -7,7 +7,8 @@ mapper listeners; ``handle.remove()`` detaches exactly those. The modules, one s
 * ``_unit_of_work``: ``after_flush`` builds the events of a flush; they wait per transaction
   and savepoint, go to the transactional outbox before commit and to
   ``broker.publish_captured`` after it, in flush order; rollbacks drop what they undid.
-* ``_bulk``: ORM bulk ``insert``/``update``/``delete`` statements, one event per row.
+* ``_bulk``: statements through the session (ORM bulk and Core DML), one event per row.
+* ``_legacy``: ``bulk_save_objects`` / ``bulk_insert_mappings`` / ``bulk_update_mappings``.
 * ``_reads``: read events (``enable_read``), published at once.
 * ``_capture``: what those share, including the one place an event is built and checked:
   an event ``Event.validate`` refuses (a string holding U+0000, say) is dropped alone,

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Mapper, Session, scoped_session, sessionmaker
 from ._bulk import BulkStatements
 from ._capture import Capture
 from ._config import CRUDHookConfig
+from ._legacy import LegacyBulk
 from ._reads import Reads
 from ._unit_of_work import UnitOfWork
 
@@ -113,6 +114,10 @@ def register_crud_hooks(
         if config.capture_bulk:
             listeners.append((session_class, "do_orm_execute",
                               BulkStatements(uow).do_orm_execute))
+            # The legacy bulk methods have no event: their one entry point is wrapped.
+            unwrap = LegacyBulk(uow).install(session_class)
+            if unwrap is not None:
+                restore = _both(unwrap, restore)
     if config.enable_read:
         listeners.append((Mapper, "load", Reads(capture).on_load))
     try:
@@ -122,6 +127,17 @@ def register_crud_hooks(
         CaptureHandle(capture, listeners, restore).remove()
         raise
     return CaptureHandle(capture, listeners, restore)
+
+
+def _both(first: Callable[[], None], then: Callable[[], None] | None) -> Callable[[], None]:
+    def restore() -> None:
+        try:
+            first()
+        finally:
+            if then is not None:
+                then()
+
+    return restore
 
 
 class _NoAsyncio:
