@@ -668,7 +668,9 @@ def test_build_provider__real_module_without_driver(
     """With the driver made unimportable, the real provider module gives the extra's command."""
     monkeypatch.setitem(sys.modules, driver, None)  # `import <driver>` now fails
     if driver != "psycopg":  # these import their driver at module import
-        monkeypatch.delitem(sys.modules, module, raising=False)
+        # The provider is a package: forget its submodules too, or they are reused as cached.
+        for name in [m for m in sys.modules if m == module or m.startswith(f"{module}.")]:
+            monkeypatch.delitem(sys.modules, name, raising=False)
     config = load_config({"provider": provider,
                           "database": {"url": "postgresql+psycopg://127.0.0.1:1/none"}})
     with pytest.raises(ConfigError) as info:
