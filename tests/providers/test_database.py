@@ -811,3 +811,45 @@ def test_errors__query_password_masked_in_repr_errors_and_hint(postgres_url: str
             assert "S3cr3tQ" not in s and "password=***" in s, s
     finally:
         provider.close()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"table_name": "e" * 36}, ["table_name", "63 bytes", "eventbroker_alembic_version_"]),
+        ({"table_name": "e" * 41}, ["table_name", "63 bytes"]),
+        ({"table_name": "bad\x00name"}, ["table_name", "plain name"]),
+        ({"channel": "é" * 40}, ["channel", "80 bytes", "63 bytes"]),
+        ({"channel": "a\x00b"}, ["channel", "U+0000"]),
+        ({"channel": ""}, ["channel"]),
+    ],
+)
+def test_identifiers__checked_up_front_in_bytes(sqlite_url: str, kwargs: dict[str, str],
+                                                words: list[str]) -> None:
+    """table_name (with every identifier derived from it) and channel are checked in the
+    constructor, in UTF-8 bytes, with a ConfigError (a ValueError) naming the 63-byte limit
+    (issue 11, row 9)."""
+    from sqlalchemy_eventbroker.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        DatabaseProvider(sqlite_url, **kwargs)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_identifiers__longest_names_work_on_postgresql(postgres_url: str) -> None:
+    """A 35-character table name and a 63-byte non-ASCII channel create their schema and carry
+    an event through LISTEN/NOTIFY on PostgreSQL."""
+    p = DatabaseProvider(postgres_url, table_name="T" * 35, channel="é" * 31 + "c")
+    try:
+        p.create_schema()
+        stream = p.stream("*")
+        try:
+            e = new_event("system", "a.b.c", {"n": 1})
+            p.publish(e)
+            assert [x.id for x in _drain(stream, 1)] == [e.id]
+        finally:
+            stream.close()
+    finally:
+        p.drop_schema()
+        p.close()

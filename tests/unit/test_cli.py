@@ -265,3 +265,29 @@ def test_events_list__error_hides_url_secrets(url: str,
     assert main(["events", "list", "--url", url]) == 1
     err = capsys.readouterr().err
     assert "error" in err and "S3cr3tX" not in err
+
+
+@pytest.mark.parametrize(
+    "name", ["bad-name", "x" * 36, "événements", "a\x00b", "1st"],
+)
+def test_table_name__one_check_for_migrate_and_events_list(
+        sqlite_url: str, name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """migrate and events list refuse the same table names, with the same message and status 2
+    (issue 11, rows 17 and 9); nothing is created."""
+    assert main(["migrate", "upgrade", "--url", sqlite_url, "--table-name", name]) == 2
+    migrate_err = capsys.readouterr().err
+    assert main(["events", "list", "--url", sqlite_url, "--table-name", name]) == 2
+    list_err = capsys.readouterr().err
+    assert migrate_err == list_err and "table_name" in migrate_err
+    if len(name) == 36:
+        assert "63 bytes" in migrate_err
+    assert tables(sqlite_url) <= set()
+
+
+def test_table_name__longest_accepted_name_works_end_to_end(
+        sqlite_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A 35-character name (the longest whose version table fits 63 bytes) migrates and lists."""
+    name = "t" * 35
+    assert main(["migrate", "upgrade", "--url", sqlite_url, "--table-name", name]) == 0
+    assert main(["events", "list", "--url", sqlite_url, "--table-name", name]) == 0
+    assert name in tables(sqlite_url)

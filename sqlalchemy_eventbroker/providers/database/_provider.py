@@ -5,7 +5,6 @@ from __future__ import annotations
 import builtins
 import datetime as dt
 import os
-import re
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
@@ -26,7 +25,14 @@ from ._engine import Database, ErrorTranslator, make_engine
 from ._groups import DbGroupStream, GroupStore
 from ._listener import Announcer, Listener
 from ._reader import DbEventStream, FanOut, Start
-from ._schema import EventTables, build_tables, stamp_head, version_table_name
+from ._schema import (
+    EventTables,
+    build_tables,
+    check_channel,
+    check_table_name,
+    stamp_head,
+    version_table_name,
+)
 from ._wake import Waker
 
 if TYPE_CHECKING:
@@ -66,6 +72,10 @@ class DatabaseProvider(ProviderBase):
         connect_timeout: seconds, for engines the provider creates.
 
     Raises:
+        ConfigError: (a ``ValueError``) ``table_name`` is not a plain name or a name derived
+            from it (``<table>_groups``, the version table, an index) would exceed
+            PostgreSQL's 63 bytes (see ``_schema.check_table_name``: at most 35 characters),
+            or ``channel`` is empty, holds U+0000 or has more than 63 bytes in UTF-8.
         ProviderError: the database is unreachable or rejects the credentials (the message
             says which and names the address, never the password).
     """
@@ -83,10 +93,8 @@ class DatabaseProvider(ProviderBase):
         selftest_timeout: float = 2.0,
         connect_timeout: float = 10.0,
     ) -> None:
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,40}", table_name):
-            raise ValueError(f"DatabaseProvider: table_name {table_name!r} is not a plain name")
-        if not channel or len(channel) > 63:
-            raise ValueError(f"DatabaseProvider: channel {channel!r} must be 1-63 characters")
+        check_table_name(table_name)
+        check_channel(channel)
         if poll_interval <= 0 or backstop_interval <= 0 or page_size < 1 or group_prefetch < 1:
             raise ValueError(
                 "DatabaseProvider: intervals must be > 0, page_size and group_prefetch >= 1"

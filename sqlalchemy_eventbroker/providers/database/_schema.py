@@ -33,12 +33,15 @@ or, from Python, :func:`upgrade` (``sqlalchemy_eventbroker.providers.database.up
 from __future__ import annotations
 
 import importlib.resources
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
+
+from ...errors import ConfigError
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -47,7 +50,11 @@ if TYPE_CHECKING:
 __all__ = [
     "HEAD_REVISION",
     "EventTables",
+    "IDENTIFIER_BYTES",
     "build_tables",
+    "check_channel",
+    "check_table_name",
+    "derived_identifiers",
     "downgrade",
     "migrations_path",
     "stamp_head",
@@ -74,6 +81,69 @@ class EventTables:
     events: sa.Table
     groups: sa.Table
     claims: sa.Table
+
+
+#: PostgreSQL's longest identifier, in bytes (``NAMEDATALEN - 1``); a longer one is cut short
+#: silently, so two names could collide, or a channel would not match its listener.
+IDENTIFIER_BYTES = 63
+
+_PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def derived_identifiers(table_name: str) -> list[str]:
+    """Every identifier created for ``table_name``: tables, the version table, constraints and
+    indexes. Each must fit :data:`IDENTIFIER_BYTES`."""
+    t = table_name
+    return [
+        t, f"{t}_groups", f"{t}_claims", version_table_name(t),
+        f"uq_{t}_id", f"ix_{t}_type", f"ix_{t}_status", f"ix_{t}_created_at",
+        f"ix_{t}_schema_entity", f"ix_{t}_tx_id_seq", f"uq_{t}_groups_name_pattern",
+        f"fk_{t}_claims_group",
+    ]
+
+
+def check_table_name(table_name: object) -> str:
+    """``table_name`` if it can name an events table on every database; the one check that the
+    provider, ``upgrade``/``downgrade`` and the command line share.
+
+    A plain name (ASCII letters, digits, ``_``, not starting with a digit) whose every derived
+    identifier (:func:`derived_identifiers`; the longest is the version table,
+    ``eventbroker_alembic_version_<name>``) fits PostgreSQL's 63 bytes: at most 35 characters.
+
+    Raises:
+        ConfigError: (a ``ValueError``) naming ``table_name`` and the limit.
+    """
+    if not isinstance(table_name, str) or not _PLAIN_NAME.fullmatch(table_name):
+        shown = repr(table_name)[:80]
+        raise ConfigError(
+            f"table_name: {shown} is not a plain name (ASCII letters, digits and _, not "
+            f"starting with a digit)", path="table_name")
+    for name in derived_identifiers(table_name):
+        if len(name.encode()) > IDENTIFIER_BYTES:
+            longest = IDENTIFIER_BYTES - (len(version_table_name("x")) - 1)
+            raise ConfigError(
+                f"table_name: {table_name!r} is too long: the derived identifier {name!r} has "
+                f"{len(name.encode())} bytes, over PostgreSQL's limit of {IDENTIFIER_BYTES} "
+                f"bytes; use at most {longest} characters", path="table_name")
+    return table_name
+
+
+def check_channel(channel: object) -> str:
+    """``channel`` if it can be a PostgreSQL NOTIFY channel: 1 to 63 bytes in UTF-8, no NUL.
+
+    Raises:
+        ConfigError: (a ``ValueError``) naming ``channel`` and the limit.
+    """
+    if not isinstance(channel, str) or not channel or "\x00" in channel:
+        raise ConfigError(
+            f"channel: {repr(channel)[:80]} must be a non-empty string without U+0000",
+            path="channel")
+    size = len(channel.encode("utf-8", "surrogatepass"))
+    if size > IDENTIFIER_BYTES:
+        raise ConfigError(
+            f"channel: {channel[:20]!r}... has {size} bytes in UTF-8, over PostgreSQL's limit "
+            f"of {IDENTIFIER_BYTES} bytes", path="channel")
+    return channel
 
 
 def version_table_name(table_name: str = "events") -> str:
@@ -247,10 +317,13 @@ def upgrade(
     """Apply the migrations up to ``revision`` (creates the events tables on a fresh database).
 
     The one-liner from a shell is ``python -m sqlalchemy_eventbroker.migrate upgrade --url URL``.
+
+    Raises:
+        ConfigError: ``table_name`` fails :func:`check_table_name`.
     """
     from alembic import command
 
-    command.upgrade(alembic_config(url_or_engine, table_name), revision)
+    command.upgrade(alembic_config(url_or_engine, check_table_name(table_name)), revision)
 
 
 def downgrade(
@@ -259,7 +332,11 @@ def downgrade(
     *,
     table_name: str = "events",
 ) -> None:
-    """Revert the migrations down to ``revision``; ``base`` drops the events tables."""
+    """Revert the migrations down to ``revision``; ``base`` drops the events tables.
+
+    Raises:
+        ConfigError: ``table_name`` fails :func:`check_table_name`.
+    """
     from alembic import command
 
-    command.downgrade(alembic_config(url_or_engine, table_name), revision)
+    command.downgrade(alembic_config(url_or_engine, check_table_name(table_name)), revision)
