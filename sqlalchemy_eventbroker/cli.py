@@ -25,7 +25,7 @@ from typing import Any, TextIO
 
 from .config import load_config
 from .errors import BrokerError, ConfigError, PatternError
-from .providers._urls import redact_url
+from .providers._urls import redact_text, redact_url
 
 __all__ = ["main"]
 
@@ -167,23 +167,7 @@ def _redact(url: str) -> str:
 
 
 def _scrub(message: str, url: str | None) -> str:
-    """``message`` with every form of ``url``'s secrets masked: a driver's or Alembic's
-    message may quote the URL as given, or its password alone."""
-    if not url:
-        return message
-    message = message.replace(url, redact_url(url))
-    import sqlalchemy as sa
-
-    try:
-        parsed = sa.make_url(url)
-    except Exception:  # noqa: BLE001 - an unparsable URL has no password to find
-        return message
-    secrets = [parsed.password, *(v for k, v in parsed.query.items()
-                                  if k.lower() in ("password", "sslpassword"))]
-    for secret in secrets:
-        if isinstance(secret, str) and len(secret) >= 3:
-            message = message.replace(secret, "***")
-    return message
+    return redact_text(message, url)
 
 
 # -- config ------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from .errors import ProviderError
+    from .providers._urls import redact_text
     from .providers.database._schema import downgrade, upgrade
 
     try:
@@ -41,10 +42,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             downgrade(args.url, args.revision or "base", table_name=args.table_name)
     except ProviderError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(redact_text(f"error: {exc}", args.url), file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - a CLI reports, it does not trace back
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(redact_text(f"error: {type(exc).__name__}: {exc}", args.url), file=sys.stderr)
         return 1
     return 0
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+from urllib.parse import parse_qsl, unquote, urlsplit
 
-__all__ = ["redact_url"]
+__all__ = ["redact_text", "redact_url"]
 
 # The user info of one address: after an optional scheme, everything up to the last "@"
 # before the first "/", "?" or "#" (a password may itself hold an "@").
@@ -31,3 +32,33 @@ def redact_url(url: str) -> str:
         _SECRET_QUERY.sub(r"\g<key>***", _USERINFO.sub(_redact_userinfo, one, count=1))
         for one in url.split(",")
     )
+
+
+def redact_text(text: str, url: str | None) -> str:
+    """``text`` (an error message, say) with every secret of ``url`` masked.
+
+    A driver's or Alembic's message may quote the URL as given, or only its password
+    (percent-decoded or not): each form is replaced by ``***``. Secrets shorter than three
+    characters are left, as masking them would garble unrelated words.
+    """
+    if not url:
+        return text
+    text = text.replace(url, redact_url(url))
+    secrets: set[str] = set()
+    for one in url.split(","):
+        one = one.strip()
+        try:
+            parts = urlsplit(one if "://" in one else f"//{one}")
+        except ValueError:
+            continue
+        info, at, _ = parts.netloc.rpartition("@")
+        if at:
+            user, colon, password = info.partition(":")
+            secrets.add(password if colon else user)
+        secrets.update(v for k, v in parse_qsl(parts.query) if k.lower() in ("password",
+                                                                            "sslpassword"))
+    for secret in sorted(secrets, key=len, reverse=True):
+        for form in {secret, unquote(secret)}:
+            if len(form) >= 3:
+                text = text.replace(form, "***")
+    return text

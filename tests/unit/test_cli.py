@@ -291,3 +291,31 @@ def test_table_name__longest_accepted_name_works_end_to_end(
     assert main(["migrate", "upgrade", "--url", sqlite_url, "--table-name", name]) == 0
     assert main(["events", "list", "--url", sqlite_url, "--table-name", name]) == 0
     assert name in tables(sqlite_url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["postgresql+psycopg://u:S3cr3tM%40x@127.0.0.1:1/x",
+     "postgresql+psycopg://u@127.0.0.1:1/x?password=S3cr3tM&connect_timeout=2"],
+)
+def test_migrate_module__error_hides_url_secrets(url: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m sqlalchemy_eventbroker.migrate`` masks the URL's secrets in its errors,
+    percent-encoded or not (issue 11, row 4)."""
+    from sqlalchemy_eventbroker import migrate
+
+    assert migrate.main(["upgrade", "--url", url]) == 1
+    err = capsys.readouterr().err
+    assert "error" in err and "S3cr3tM" not in err
+
+
+def test_redact_text__every_form_of_the_secret() -> None:
+    """redact_text masks the URL as given, its password raw and percent-decoded, a token and
+    query passwords."""
+    from sqlalchemy_eventbroker.providers._urls import redact_text
+
+    url = "postgresql://u:p%40ss123@h/x?sslpassword=S3cr,nats://T0ken9@h2"
+    text = f"at {url}: p@ss123 / p%40ss123 / S3cr / T0ken9"
+    out = redact_text(text, url)
+    for secret in ("p@ss123", "p%40ss123", "S3cr", "T0ken9"):
+        assert secret not in out
