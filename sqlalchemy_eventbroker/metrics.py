@@ -3,10 +3,16 @@
 Collectors are created once per registry and shared by every broker using it; labelled
 children are cached per ``(source, type)`` because ``Counter.labels()`` costs as much as a
 whole in-process dispatch (BASELINES.md), while a bound child's ``inc()`` is cheap.
+
+Label values stay bounded (API.md section 8): a broker labels at most :data:`MAX_TYPES`
+distinct event types; every later type is counted under ``type="other"``, and a warning is
+logged once per broker. The bound applies to the children this broker creates, so the
+``/metrics`` body and the caches here stay small whatever types the application invents.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 from bisect import bisect_left
@@ -15,7 +21,14 @@ from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["BrokerMetrics", "start_metrics_server"]
+__all__ = ["MAX_TYPES", "OTHER_TYPE", "BrokerMetrics", "start_metrics_server"]
+
+log = logging.getLogger(__name__)
+
+#: Most distinct event types one broker labels in its metrics.
+MAX_TYPES = 1000
+#: The ``type`` label of every event type past the first :data:`MAX_TYPES`.
+OTHER_TYPE = "other"
 
 _lock = threading.Lock()
 _collectors: weakref.WeakKeyDictionary[CollectorRegistry, _Collectors] = weakref.WeakKeyDictionary()
@@ -73,6 +86,25 @@ class BrokerMetrics:
         self._processed: dict[tuple[str, str, str], Any] = {}
         self._duration: dict[tuple[str, str], Any] = {}
         self._errors: dict[str, Any] = {}
+        #: The types labelled so far, at most MAX_TYPES; the rest count as OTHER_TYPE.
+        self._types: set[str] = set()
+        self._types_lock = threading.Lock()
+        self._warned = False
+
+    def _label(self, type_: str) -> str:
+        # Only on a cache miss: a type already cached never comes here.
+        with self._types_lock:
+            if type_ in self._types:
+                return type_
+            if len(self._types) < MAX_TYPES:
+                self._types.add(type_)
+                return type_
+            if not self._warned:
+                self._warned = True
+                log.warning(
+                    "eventbroker metrics: more than %d distinct event types; later types are "
+                    "counted under type=%r", MAX_TYPES, OTHER_TYPE)
+        return OTHER_TYPE
 
     def watch_queue(self, source: Any) -> None:
         """Report ``source.queue_size()`` in ``eventbroker_queue_size`` (read at scrape time)."""
@@ -82,21 +114,29 @@ class BrokerMetrics:
         key = (source, type_)
         inc = self._published.get(key)
         if inc is None:
-            inc = self._published[key] = _fast_inc(self._c.published.labels(source, type_))
+            # Keyed by the label, so the cache is as bounded as the series.
+            key = (source, self._label(type_))
+            inc = self._published.get(key)
+            if inc is None:
+                inc = self._published[key] = _fast_inc(self._c.published.labels(*key))
         inc(1)
 
     def processed(self, source: str, type_: str, status: str, seconds: float) -> None:
         key = (source, type_, status)
         inc = self._processed.get(key)
         if inc is None:
-            inc = self._processed[key] = _fast_inc(
-                self._c.processed.labels(source, type_, status)
-            )
+            key = (source, self._label(type_), status)
+            inc = self._processed.get(key)
+            if inc is None:
+                inc = self._processed[key] = _fast_inc(self._c.processed.labels(*key))
         inc(1)
         dkey = (source, type_)
         observe = self._duration.get(dkey)
         if observe is None:
-            observe = self._duration[dkey] = _fast_observe(self._c.duration.labels(source, type_))
+            dkey = (source, self._label(type_))
+            observe = self._duration.get(dkey)
+            if observe is None:
+                observe = self._duration[dkey] = _fast_observe(self._c.duration.labels(*dkey))
         observe(seconds)
 
     def error(self, kind: str) -> None:

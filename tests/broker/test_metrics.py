@@ -214,3 +214,32 @@ def test_packaging__prometheus_client_floor_returns_server_and_thread() -> None:
     match = re.search(r">=\s*(\d+)\.(\d+)", spec)
     assert match is not None, spec
     assert (int(match[1]), int(match[2])) >= (0, 20), spec
+
+
+def test_metrics__at_most_1000_types_then_other(make_broker: MakeBroker,
+                                                registry: CollectorRegistry,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    """A broker labels at most 1,000 distinct types; later ones count under type="other", and
+    one warning is logged (API.md section 8; issue 11, row 5)."""
+    import logging
+
+    from sqlalchemy_eventbroker.metrics import MAX_TYPES
+
+    assert MAX_TYPES == 1000
+    broker = make_broker(mode="sync", registry=registry)
+    broker.subscribe("**", lambda e: None)
+    with caplog.at_level(logging.WARNING, logger="sqlalchemy_eventbroker.metrics"):
+        for i in range(MAX_TYPES + 50):
+            broker.publish(new_event(EventSource.SYSTEM, f"t{i}.created"))
+        broker.publish(new_event(EventSource.SYSTEM, "t1050.created"))
+        broker.publish(new_event(EventSource.SYSTEM, "t0.created"))
+    types = {s.labels["type"] for f in registry.collect() for s in f.samples
+             if s.name == PUBLISHED}
+    assert len(types) == MAX_TYPES + 1 and "other" in types
+    other = {"source": "system", "type": "other"}
+    assert _value(registry, PUBLISHED, **other) == 51
+    assert _value(registry, PROCESSED, **other, status="completed") == 51
+    assert _value(registry, f"{DURATION}_count", **other) == 51
+    assert _value(registry, PUBLISHED, source="system", type="t0.created") == 2
+    warnings = [r for r in caplog.records if "distinct event types" in r.getMessage()]
+    assert len(warnings) == 1
