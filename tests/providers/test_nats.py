@@ -176,3 +176,28 @@ def test_url_secrets__masked_in_errors_and_reprs(nats_url: str, unique_name: str
     finally:
         p.drop()
         p.close()
+
+
+def test_bucket_names__injective(nats_url: str, unique_name: str) -> None:
+    """Streams ``X$Y`` and ``X_Y`` get different key-value buckets, so one's get, list, stats
+    and delete never see the other's events (issue 11, row 6); an ordinary name keeps
+    ``<name>_store``."""
+    from sqlalchemy_eventbroker import EventFilter, EventSource, new_event
+    from sqlalchemy_eventbroker.providers.nats._names import bucket_name
+
+    assert bucket_name("EVENTBROKER_EVENTS") == "EVENTBROKER_EVENTS_store"
+    assert len({bucket_name(n) for n in ("X$Y", "X_Y", "X#Y", "X%Y")}) == 4
+    dollar = NatsProvider(nats_url, stream_name=f"T{unique_name}$Y", storage="memory")
+    under = NatsProvider(nats_url, stream_name=f"T{unique_name}_Y", storage="memory")
+    try:
+        assert dollar.bucket != under.bucket
+        e = new_event(EventSource.SYSTEM, "a.b.c", {"n": 1})
+        dollar.store(e)
+        assert under.get(e.id) is None and under.list(EventFilter()) == []
+        assert under.stats().total_events == 0
+        under.delete(e.id)
+        assert dollar.get(e.id) is not None
+    finally:
+        for p in (dollar, under):
+            p.drop()
+            p.close()

@@ -15,7 +15,10 @@ Subjects and streams
     a valid subject (whitespace, ``*``, ``>``, empty segments) cannot be published here.
 
 Store
-    A key-value bucket (``<stream_name>_store``, history 1) maps event id → event JSON.
+    A key-value bucket (``<stream_name>_store``, history 1) maps event id → event JSON. A
+    stream name with characters a bucket name cannot hold (anything but letters, digits,
+    ``_`` and ``-``) gets them replaced by ``_`` plus a short hash of the name, so that two
+    streams never share a bucket (see ``_names.bucket_name`` for the migration note).
     ``update_status`` is a compare-and-set on the key's revision (retried on conflict);
     ``update_status_many`` runs the updates of different events concurrently. Status writes
     (read, then compare-and-set) go through a second connection on a second loop thread,

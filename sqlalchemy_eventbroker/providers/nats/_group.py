@@ -20,7 +20,7 @@ from nats.js import api
 from ...event import Event
 from .._group_stream import BufferedDelivery, BufferedGroupStream
 from .._loop import LoopClosed
-from ._names import safe_name, subject_filter
+from ._names import safe_name, subject_filter, unique_safe_name
 
 if TYPE_CHECKING:
     from ._provider import NatsProvider
@@ -47,7 +47,7 @@ class NatsGroupStream(BufferedGroupStream[Msg]):
         digest = hashlib.sha1(f"{group}\0{pattern}".encode()).hexdigest()[:12]
         super().__init__(
             provider, pattern, group, lease,
-            name=f"{safe_name(provider.consumer_group)}-{safe_name(group)[:64]}-{digest}",
+            name=f"{unique_safe_name(provider.consumer_group)}-{safe_name(group)[:64]}-{digest}",
             reconnect_max_delay=0.5)
         self.subject = subject_filter(provider.subject_prefix, pattern)
         self._fetching: concurrent.futures.Future[Any] | None = None

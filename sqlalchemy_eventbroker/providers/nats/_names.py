@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from ...pattern import validate_pattern
 
-__all__ = ["BAD_SUBJECT", "safe_name", "subject_filter"]
+__all__ = ["BAD_SUBJECT", "bucket_name", "safe_name", "subject_filter", "unique_safe_name"]
 
 #: What an event type or subject prefix must not contain: whitespace, wildcards, empty tokens.
 BAD_SUBJECT = re.compile(r"[\s*>]|^\.|\.\.|\.$")
@@ -24,3 +25,27 @@ def subject_filter(prefix: str, pattern: str) -> str:
 def safe_name(text: str) -> str:
     """``text`` usable in a stream, bucket or consumer name (other characters become ``_``)."""
     return _UNSAFE_NAME.sub("_", text)
+
+
+def unique_safe_name(text: str) -> str:
+    """``text`` as :func:`safe_name` gives it, with a short hash of ``text`` appended whenever
+    characters had to be replaced, so that two different texts never share a name (``X$Y`` and
+    ``X_Y`` would both become ``X_Y``). A text that needs no change keeps its name, so existing
+    buckets and consumers of ordinary names are found again."""
+    safe = safe_name(text)
+    if safe == text:
+        return text
+    return f"{safe}_{hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()[:10]}"
+
+
+def bucket_name(stream_name: str) -> str:
+    """The key-value bucket that stores the events of ``stream_name``: ``<stream_name>_store``,
+    or, for a stream name with characters a bucket name cannot hold, its
+    :func:`unique_safe_name` followed by ``_store``.
+
+    Migration: before this, such names lost their unsafe characters without a hash, so a
+    stream named ``X$Y`` stored its events in ``X_Y_store`` (shared with a stream ``X_Y``). Its
+    provider now uses ``X_Y_<hash>_store``; events stored before are still in the old bucket
+    (copy them over with ``nats kv`` or replay them, then delete it).
+    """
+    return f"{unique_safe_name(stream_name)}_store"

@@ -28,7 +28,7 @@ from .._remote import RemoteProvider
 from ..base import EventFilter, ProviderStats, QueueEventStream, StatusUpdate
 from ._connection import connect, ensure_bucket, ensure_stream
 from ._group import NatsGroupStream
-from ._names import BAD_SUBJECT, safe_name, subject_filter
+from ._names import BAD_SUBJECT, bucket_name, subject_filter, unique_safe_name
 
 __all__ = ["NatsProvider"]
 
@@ -123,7 +123,7 @@ class NatsProvider(RemoteProvider[_NatsFanoutStream]):
         self.connect_timeout = connect_timeout
         self.reconnect_wait = reconnect_wait
         self.max_ack_pending = max_ack_pending
-        self.bucket = f"{safe_name(stream_name)}_store"
+        self.bucket = bucket_name(stream_name)
         # Status writes: their own connection and loop thread, made on first use.
         self._status_lock = threading.Lock()
         self._status_loop: LoopThread | None = None
@@ -437,7 +437,7 @@ class NatsProvider(RemoteProvider[_NatsFanoutStream]):
             return events, sinfo, kinfo, consumers
 
         events, sinfo, kinfo, consumers = self._run(gather(), None)
-        prefix = safe_name(self.consumer_group) + "-"
+        prefix = unique_safe_name(self.consumer_group) + "-"
         groups: dict[str, JSON] = {
             c.name: {"pending": c.num_pending, "ack_pending": c.num_ack_pending,
                      "redelivered": c.num_redelivered, "waiting": c.num_waiting}
