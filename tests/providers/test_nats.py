@@ -201,3 +201,41 @@ def test_bucket_names__injective(nats_url: str, unique_name: str) -> None:
         for p in (dollar, under):
             p.drop()
             p.close()
+
+
+@pytest.mark.parametrize("what", ["long-type", "non-ascii-type", "big-payload"])
+def test_limits__refused_before_sending_connection_stays_usable(
+        nats_url: str, unique_name: str, what: str) -> None:
+    """A type too long for a subject, or an event over the server's max_payload, is a
+    ProviderError before anything is sent; the connection stays usable for later calls,
+    drop() included (issue 11, row 1)."""
+    from sqlalchemy_eventbroker import EventFilter, EventSource, new_event
+
+    p = NatsProvider(nats_url, stream_name=f"T{unique_name}", storage="memory",
+                     request_timeout=2)
+    try:
+        stream = p.stream("*")
+        if what == "long-type":
+            bad = new_event(EventSource.SYSTEM, "a." + "t" * 5000)
+            match = "subject"
+        elif what == "non-ascii-type":
+            bad = new_event(EventSource.SYSTEM, "a." + "é" * 2000)
+            match = "subject"
+        else:
+            bad = new_event(EventSource.SYSTEM, "a.b.c", {"x": "y" * 2_000_000})
+            match = "max_payload"
+        with pytest.raises(ProviderError, match=match) as info:
+            p.publish(bad)
+        assert bad.id in str(info.value)
+        if what == "big-payload":
+            with pytest.raises(ProviderError, match=match):
+                p.store(bad)
+        good = new_event(EventSource.SYSTEM, "a.b.c", {"n": 1})
+        p.publish(good)
+        assert p.get(good.id) is not None and p.get(bad.id) is None
+        assert stream.receive(timeout=5) is not None
+        assert [e.id for e in p.list(EventFilter())] == [good.id]
+        stream.close()
+    finally:
+        p.drop()
+        p.close()

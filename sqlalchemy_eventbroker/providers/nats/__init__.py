@@ -12,7 +12,10 @@ Subjects and streams
     so two providers with different stream names never see each other's events. A
     subscription pattern becomes a subject filter evaluated by the server: ``*`` →
     ``<prefix>.>``, a ``*`` segment → ``*``, a trailing ``**`` → ``>``. An event type that is not
-    a valid subject (whitespace, ``*``, ``>``, empty segments) cannot be published here.
+    a valid subject (whitespace, ``*``, ``>``, empty segments) cannot be published here, nor
+    one whose subject would exceed ``MAX_SUBJECT_BYTES`` (3,840 bytes), nor an event whose
+    JSON exceeds the server's ``max_payload``: each is a ``ProviderError`` raised before
+    anything is sent, so the connection stays usable (the server would drop it).
 
 Store
     A key-value bucket (``<stream_name>_store``, history 1) maps event id → event JSON. A

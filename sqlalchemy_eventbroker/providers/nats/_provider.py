@@ -36,6 +36,12 @@ log = logging.getLogger("sqlalchemy_eventbroker.providers.nats")
 
 _ORIGIN = "Eventbroker-Origin"
 _STATUS_CONCURRENCY = 32  # status updates in flight at once in update_status_many
+#: Longest subject sent, in bytes: the server's default ``max_control_line`` (4,096 bytes) less
+#: room for the rest of the ``HPUB`` line (reply inbox, sizes). A longer one makes the server
+#: drop the whole connection, so it is refused here, before anything is sent.
+MAX_SUBJECT_BYTES = 3840
+#: Bytes kept free in ``max_payload`` for the headers of a stream message (origin, ids).
+_HEADER_ROOM = 256
 _PUTS_IN_FLIGHT = 1000  # puts (and publishes) written before their acks are awaited
 
 
@@ -198,12 +204,21 @@ class NatsProvider(RemoteProvider[_NatsFanoutStream]):
     # -- store ---------------------------------------------------------------------------------
 
     def _store_items(self, events: Sequence[Event]) -> list[tuple[str, bytes]]:
+        """Each event's key and JSON, checked against the server's ``max_payload`` before
+        anything is sent (a message over it is refused by the server)."""
         self._check_open()
+        limit = int(getattr(self._nc, "max_payload", 0) or 0) - _HEADER_ROOM
         items = []
         for e in events:
             if not nats.js.kv._is_key_valid(e.id):
                 raise ProviderError(f"nats at {self._address}: invalid key {e.id!r}")
-            items.append((e.id, e.to_json().encode()))
+            value = e.to_json().encode()
+            if limit > 0 and len(value) > limit:
+                raise ProviderError(
+                    f"nats at {self._address}: event {e.id} is {len(value)} bytes as JSON, over "
+                    f"the server's max_payload of {limit + _HEADER_ROOM} bytes (less "
+                    f"{_HEADER_ROOM} for headers); nothing was sent")
+            items.append((e.id, value))
         return items
 
     def store(self, event: Event) -> None:
@@ -353,10 +368,18 @@ class NatsProvider(RemoteProvider[_NatsFanoutStream]):
     def _subject(self, event: Event) -> str:
         if BAD_SUBJECT.search(event.type):
             raise ProviderError(
-                f"nats at {self._address}: event type {event.type!r} is not a valid NATS "
+                f"nats at {self._address}: event type {event.type[:80]!r} is not a valid NATS "
                 "subject (no whitespace, '*', '>' or empty segments)"
             )
-        return f"{self.subject_prefix}.{event.type}"
+        subject = f"{self.subject_prefix}.{event.type}"
+        if len(subject) > MAX_SUBJECT_BYTES // 4 and \
+                len(subject.encode("utf-8", "surrogatepass")) > MAX_SUBJECT_BYTES:
+            raise ProviderError(
+                f"nats at {self._address}: event {event.id}: the subject for type "
+                f"{event.type[:40]!r}... has {len(subject.encode('utf-8', 'surrogatepass'))} "
+                f"bytes, over the {MAX_SUBJECT_BYTES} a NATS subject may have here; nothing "
+                "was sent")
+        return subject
 
     def store_and_publish_many(self, events: Sequence[Event], *, origin: str = "") -> None:
         """Put ``events`` in the bucket and publish them to the stream in one round trip:
