@@ -45,6 +45,7 @@ class User(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(50))
     plan: Mapped[str] = mapped_column(String(20), server_default="free")
+    password_hash: Mapped[str] = mapped_column(String(100), default="")
     orders: Mapped[list[Order]] = relationship(back_populates="user",
                                                cascade="all, delete-orphan")
 
@@ -80,11 +81,14 @@ def main() -> int:
         broker.subscribe("main.users.*", show("users"))          # every users event
         broker.subscribe("main.orders.*", show("orders"))        # every orders event
         broker.subscribe("*.*.delete", show("any delete"))       # deletes of any table
-        handle = register_crud_hooks(factory, CRUDHookConfig(), broker=broker)
+        # Secrets stay out of every event: excluded columns appear nowhere in them.
+        handle = register_crud_hooks(
+            factory, CRUDHookConfig(exclude_columns={"users": ["password_hash"]}), broker=broker)
 
         print("1. create a user with two orders (events are published after commit):")
         with event_context(user_id=7, metadata={"request_id": "r-1"}), factory.begin() as s:
-            ada = User(name="ada", orders=[Order(item="book"), Order(item="pen")])
+            ada = User(name="ada", password_hash="pbkdf2:s3cr3t",
+                       orders=[Order(item="book"), Order(item="pen")])
             s.add(ada)
 
         print("2. update the user (metadata.changes holds old and new):")

@@ -29,6 +29,7 @@ def test_quickstart__runs_and_prints_the_captured_events() -> None:
                      "main.users.delete", "user_id=7"):
         assert expected in out, out
     assert "ghost" not in out
+    assert "s3cr3t" not in out and "password_hash" not in out  # exclude_columns
 
 
 @pytest.mark.parametrize("args", [(), ("--database",)], ids=["memory", "database"])

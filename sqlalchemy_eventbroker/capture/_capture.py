@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Mapper, Session
@@ -13,6 +14,7 @@ from sqlalchemy.sql.schema import Table
 
 from .._types import JSON
 from ..event import Event, EventSource, EventStatus, uuid7
+from ._columns import REDACTED
 from ._targets import Target
 
 if TYPE_CHECKING:
@@ -39,12 +41,16 @@ class Capture:
     """
 
     def __init__(self, session_class: type[Session], config: CRUDHookConfig,
-                 broker: Broker | None) -> None:
+                 broker: Broker | None,
+                 mappers_by_table: Mapping[Table, Sequence[Mapper[Any]]] | None = None) -> None:
         self.session_class = session_class
         self.config = config
         self._broker = broker
         self._targets: dict[Any, Target] = {}
         self._targets_lock = threading.Lock()
+        #: The classes mapped to each table when capture was registered (column control of a
+        #: class also covers Core statements on its table).
+        self._mappers_by_table = dict(mappers_by_table or {})
 
     # -- the broker ----------------------------------------------------------------------
 
@@ -89,7 +95,9 @@ class Capture:
             with self._targets_lock:
                 t = self._targets.get(key)
                 if t is None:
-                    t = self._targets[key] = Target(table, mapper, self.config)
+                    t = self._targets[key] = Target(
+                        table, mapper, self.config,
+                        () if mapper is not None else self._mappers_by_table.get(table, ()))
         return t
 
     def target_of(self, mapper: Mapper[Any]) -> Target:
@@ -116,10 +124,15 @@ class Capture:
         meta = dict(who[2]) if who[2] else {}
         if extra:
             meta.update(extra)
+        key = target.key_of(schema, payload)
+        if target.excluded or target.redacted:
+            payload, meta = _hide(target, payload, meta)
+            if operation == "update" and extra and extra.get("changes") and \
+                    not meta.get("changes"):
+                return None  # only excluded columns changed: nothing to tell
         event = Event(uuid7(), _DATABASE, etype, _PENDING, 0, "", payload, who[0], who[1],
                       broker.instance_id if broker is not None else "", schema, target.entity,
-                      operation, created_at or dt.datetime.now(UTC), None, None, meta,
-                      target.key_of(schema, payload))
+                      operation, created_at or dt.datetime.now(UTC), None, None, meta, key)
         try:
             event.validate()
         except Exception as exc:  # noqa: BLE001 - one bad event never takes the others
@@ -136,3 +149,23 @@ class Capture:
                 broker.count_capture_error(exc)
             except Exception:
                 log.exception("eventbroker: counting a capture error failed")
+
+
+def _hide(target: Target, payload: dict[str, JSON], meta: dict[str, JSON]
+          ) -> tuple[dict[str, JSON], dict[str, JSON]]:
+    """Column control: excluded columns removed, redacted ones replaced, in the payload and
+    in ``metadata["changes"]`` (a redacted change stays visible, its values hidden)."""
+    excluded, redacted = target.excluded, target.redacted
+    payload = {k: (REDACTED if k in redacted else v) for k, v in payload.items()
+               if k not in excluded}
+    changes = meta.get("changes")
+    if isinstance(changes, dict):
+        hidden: dict[str, JSON] = {}
+        for k, change in changes.items():
+            if k in excluded:
+                continue
+            if k in redacted and isinstance(change, dict):
+                change = {side: REDACTED for side in change}
+            hidden[k] = change
+        meta["changes"] = hidden
+    return payload, meta

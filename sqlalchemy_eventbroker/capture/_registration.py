@@ -11,6 +11,7 @@ from sqlalchemy.orm import Mapper, Session, scoped_session, sessionmaker
 
 from ._bulk import BulkStatements
 from ._capture import Capture
+from ._columns import known_tables, validate
 from ._config import CRUDHookConfig
 from ._legacy import LegacyBulk
 from ._reads import Reads
@@ -99,10 +100,15 @@ def register_crud_hooks(
 
     Raises:
         TypeError: ``session_factory`` is none of the above.
+        ConfigError: a table or column named in ``config.exclude_columns`` /
+            ``redact_columns``, or in a mapped class's ``__eventbroker__``, matches nothing
+            among the classes mapped now (their tables and the tables of their MetaData).
     """
     config = config if config is not None else CRUDHookConfig()
+    by_table, tables = known_tables()
+    validate(config, by_table, tables)
     session_class, restore = _session_class_of(session_factory)
-    capture = Capture(session_class, config, broker)
+    capture = Capture(session_class, config, broker, by_table)
     listeners: list[Listener] = []
     if config.enable_create or config.enable_update or config.enable_delete:
         uow = UnitOfWork(capture)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import math
 import threading
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Mapper
@@ -15,6 +16,7 @@ from sqlalchemy.sql.schema import Column, Table
 from .. import _json
 from .._types import JSON
 from ..errors import PayloadError
+from ._columns import class_rules, payload_keys
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Dialect
@@ -34,10 +36,13 @@ _OPERATIONS = ("create", "read", "update", "delete")
 class Target:
     """What events of one mapper (or plain table) need: names, columns, order."""
 
-    __slots__ = ("captured", "cols", "entity", "mapper", "null_on_create", "pk_keys", "rank",
-                 "schema", "table", "types")
+    __slots__ = ("captured", "cols", "entity", "excluded", "mapper", "null_on_create",
+                 "pk_hidden", "pk_keys", "rank", "redacted", "schema", "table", "types")
 
-    def __init__(self, table: Table, mapper: Mapper[Any] | None, config: CRUDHookConfig) -> None:
+    def __init__(self, table: Table, mapper: Mapper[Any] | None, config: CRUDHookConfig,
+                 mappers: Sequence[Mapper[Any]] = ()) -> None:
+        """``mappers``: for a plain table (``mapper`` is ``None``), the classes mapped to it,
+        whose ``__eventbroker__`` applies to its rows too."""
         self.table = table
         self.mapper = mapper
         self.entity = table.name
@@ -63,6 +68,28 @@ class Target:
                 str(c.key) for c in table.columns if _plain_nullable(c))
         #: Payload keys of the primary key columns, in primary-key column order (``key``).
         self.pk_keys: tuple[str, ...] = _pk_keys(table, mapper)
+        # Column control: payload keys left out, and shown as "[redacted]".
+        tables = [t for t in mapper.tables if isinstance(t, Table)] if mapper else [table]
+        excluded: set[str] = set()
+        redacted: set[str] = set()
+        for t in tables:
+            ex, red = config.columns_of(t)
+            excluded |= ex
+            redacted |= red
+        classes = [mapper.class_] if mapper is not None else [m.class_ for m in mappers]
+        for cls in classes:
+            rules = class_rules(cls)
+            self.captured = self.captured and rules.capture
+            excluded |= rules.exclude
+            redacted |= rules.redact
+        names = payload_keys(table, mapper if mapper is not None else
+                             (mappers[0] if mappers else None))
+        #: Payload keys that appear nowhere in the events.
+        self.excluded = frozenset(names[n] for n in excluded if n in names)
+        #: Payload keys whose values the events show as "[redacted]".
+        self.redacted = frozenset(names[n] for n in redacted if n in names) - self.excluded
+        #: A key column is hidden: the event ``key`` would show it, so it stays "".
+        self.pk_hidden = any(k in self.excluded or k in self.redacted for k in self.pk_keys)
         self.rank = _table_rank(table)
         #: ``{default schema: {operation: (schema, type)}}``.
         self.types: dict[str | None, dict[str, tuple[str, str]]] = {}
@@ -83,7 +110,7 @@ class Target:
         payload form (strings unquoted), joined by ``,``; ``""`` without a primary key or when
         the payload lacks one of its values."""
         pk = self.pk_keys
-        if not pk:
+        if not pk or self.pk_hidden:
             return ""
         parts: list[str] = []
         for k in pk:
