@@ -14,6 +14,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
+from ._types import SubscriptionID as SubscriptionID
 from .broker import Broker as Broker
 from .broker import BrokerStats as BrokerStats
 from .broker import ProcessingMode as ProcessingMode
@@ -123,7 +124,7 @@ __all__ = sorted([
     "EventStatus", "EventStream", "EventValidationError", "HandlerError", "MemoryProvider",
     "NatsProvider", "PatternError", "PayloadError", "ProcessingMode", "Provider",
     "ProviderError", "ProviderStats", "PublishDepthExceeded", "QueueFull", "RedisProvider", "RetryPolicy",
-    "SubscriptionNotFound", "compile_pattern", "event_context", "event_type",
+    "SubscriptionID", "SubscriptionNotFound", "compile_pattern", "event_context", "event_type",
     "get_default_broker", "initialize", "is_initialized", "load_config", "matches",
     "new_event", "publish", "publish_async", "publish_sync", "register_crud_hooks",
     "register_shutdown", "set_default_broker", "shutdown", "start_metrics_server", "stats",

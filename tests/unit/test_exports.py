@@ -14,6 +14,7 @@ API_NAMES = {
     "Event", "EventSource", "EventStatus", "event_type", "new_event",
     "matches", "compile_pattern",
     "Broker", "BrokerStats", "ProcessingMode", "MemoryProvider", "RetryPolicy",
+    "SubscriptionID",
     "BrokerError", "BrokerStopped", "QueueFull", "PatternError", "PayloadError",
     "EventValidationError", "SubscriptionNotFound", "HandlerError", "ConfigError",
     "ProviderError",
@@ -56,3 +57,14 @@ def test_getattr__unknown_name_raises_attribute_error() -> None:
     """A name that is not exported raises AttributeError naming it."""
     with pytest.raises(AttributeError, match="no_such_thing"):
         eb.no_such_thing  # noqa: B018
+
+
+def test_subscription_id__is_what_subscribe_returns() -> None:
+    """``SubscriptionID`` (API.md section 3) is importable and is the ``str`` alias that
+    ``subscribe`` returns."""
+    from sqlalchemy_eventbroker import Broker, SubscriptionID
+
+    assert SubscriptionID is str
+    with Broker(mode="sync") as broker:
+        sid = broker.subscribe("*", lambda e: None)
+        assert isinstance(sid, SubscriptionID) and sid
