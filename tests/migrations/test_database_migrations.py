@@ -234,3 +234,85 @@ def test_key__0002_rows_read_back_with_an_empty_key_after_upgrade_and_downgrade(
     assert "key" not in {c["name"] for c in sa.inspect(engine).get_columns("events")}
     with engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one() == 2
+
+
+def _venv(path: Path) -> tuple[Path, Path]:
+    """A fresh virtual environment: its python and its site-packages."""
+    import sysconfig
+    import venv
+
+    venv.EnvBuilder(with_pip=True).create(path)
+    python = path / "bin" / "python"
+    purelib = sysconfig.get_path("purelib", vars={"base": str(path), "platbase": str(path)})
+    return python, Path(purelib)
+
+
+def _ours(site: Path) -> list[str]:
+    return sorted(p.name for p in site.iterdir() if "sqlalchemy_eventbroker" in p.name)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_wheel__install_migrate_uninstall_leaves_nothing(tmp_path: Path, sqlite_url: str) -> None:
+    """The built wheel holds the migrations inside the package; installed in a fresh venv it
+    finds them there and migrates; ``pip uninstall`` then leaves nothing behind, so
+    ``import sqlalchemy_eventbroker`` fails again (issue 11, row 18)."""
+    import sysconfig
+    import zipfile
+
+    root = Path(__file__).resolve().parents[2]
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist),
+                    str(root)], check=True, timeout=300, capture_output=True)
+    (wheel,) = dist.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "sqlalchemy_eventbroker/migrations/env.py" in names
+    assert any(n.startswith("sqlalchemy_eventbroker/migrations/versions/0001") for n in names)
+    python, site = _venv(tmp_path / "venv")
+    pip = [str(python), "-m", "pip", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, "install", "--no-deps", "--no-index", str(wheel)], check=True,
+                   timeout=300, capture_output=True)
+    # Dependencies from this interpreter's site-packages, after the venv's own.
+    deps = sysconfig.get_path("purelib")
+    code = ("import sys; sys.path.append(sys.argv[2])\n"
+            "from sqlalchemy_eventbroker.providers.database._schema import migrations_path, "
+            "upgrade\nprint(migrations_path()); upgrade(sys.argv[1])\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    run = subprocess.run([str(python), "-c", code, sqlite_url, deps], capture_output=True,
+                         text=True, timeout=120, check=False, cwd=tmp_path, env=env)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == str(site / "sqlalchemy_eventbroker" / "migrations")
+    subprocess.run([*pip, "uninstall", "-y", "sqlalchemy-eventbroker"], check=True, timeout=120,
+                   capture_output=True)
+    assert _ours(site) == []
+    gone = subprocess.run([str(python), "-c", "import sqlalchemy_eventbroker"], cwd=tmp_path,
+                          env=env, capture_output=True, timeout=60, check=False)
+    assert gone.returncode != 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_editable__nothing_copied_into_site_packages(tmp_path: Path) -> None:
+    """An editable install puts only its .pth file and metadata in site-packages (no
+    ``sqlalchemy_eventbroker/migrations`` copy), finds the checkout's migrations, and its
+    uninstall leaves nothing (issue 11, row 18)."""
+    root = Path(__file__).resolve().parents[2]
+    python, site = _venv(tmp_path / "venv")
+    pip = [str(python), "-m", "pip", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, "install", "--no-deps", "-e", str(root)], check=True, timeout=300,
+                   capture_output=True)
+    assert not (site / "sqlalchemy_eventbroker").exists()
+    import sysconfig
+
+    code = ("import sys; sys.path.append(sys.argv[1])\n"
+            "from sqlalchemy_eventbroker.providers.database._schema import migrations_path\n"
+            "print(migrations_path())\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    run = subprocess.run([str(python), "-c", code, sysconfig.get_path("purelib")],
+                         capture_output=True, text=True, timeout=120, check=False,
+                         cwd=tmp_path, env=env)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == str(root / "migrations")
+    subprocess.run([*pip, "uninstall", "-y", "sqlalchemy-eventbroker"], check=True, timeout=120,
+                   capture_output=True)
+    assert _ours(site) == []
