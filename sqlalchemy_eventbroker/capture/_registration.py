@@ -125,7 +125,11 @@ def register_crud_hooks(
             if unwrap is not None:
                 restore = _both(unwrap, restore)
     if config.enable_read:
-        listeners.append((Mapper, "load", Reads(capture).on_load))
+        reads = Reads(capture)
+        listeners += [
+            (Mapper, "load", reads.on_load),
+            (session_class, "after_transaction_end", reads.after_transaction_end),
+        ]
     try:
         for target, identifier, fn in listeners:
             sa_event.listen(target, identifier, fn)
