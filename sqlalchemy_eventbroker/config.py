@@ -61,6 +61,7 @@ from ._config_values import (
 )
 from ._types import JSON
 from .errors import ConfigError
+from .event import FIELD_LIMITS
 from .providers._urls import redact_url
 from .retry import RetryPolicy
 
@@ -269,6 +270,11 @@ class EventBrokerConfig:
             as_int(self.buffer_size, f"{p}.buffer_size", minimum=1), f"{p}.buffer_size",
             maximum=MAX_BUFFER_SIZE))
         set_field(self, "instance_id", as_str(self.instance_id, f"{p}.instance_id", required=False))
+        if len(self.instance_id) > FIELD_LIMITS["instance_id"]:
+            # Every event carries it: longer, and every publish would fail validate().
+            raise ConfigError(
+                f"{p}.instance_id: expected at most {FIELD_LIMITS['instance_id']} characters, "
+                f"got {len(self.instance_id)}", path=f"{p}.instance_id")
         set_field(self, "retry_policy", _check_retry_policy(self.retry_policy, f"{p}.retry_policy"))
         for name, cls in _SECTIONS.items():
             set_field(self, name, _section(getattr(self, name), cls, f"{p}.{name}"))

@@ -755,3 +755,11 @@ def test_bad_value__message_is_bounded() -> None:
     with pytest.raises(ConfigError) as info:
         load_config({"worker_count": "x" * 100_000})
     assert len(str(info.value)) < 300
+
+
+def test_instance_id__at_most_255_characters() -> None:
+    """instance_id goes on every event, so it is bounded like Event.instance_id (255)."""
+    assert len(load_config({"instance_id": "i" * 255}).instance_id) == 255
+    with pytest.raises(ConfigError, match="at most 255") as info:
+        load_config({"instance_id": "i" * 256})
+    assert info.value.path == "event_broker.instance_id"
