@@ -18,12 +18,14 @@ own ``returning()``). Capture reads the rows it needs around the statement, neve
   the table has server-side defaults the statement did not set, the rows are read back by
   primary key in one ``SELECT``. An ORM bulk INSERT without ``returning()`` (whose result
   SQLAlchemy returns empty anyway) gets ``RETURNING`` of the table's columns instead, so its
-  generated keys are known in the same round trip.
+  generated keys are known in the same round trip (never ``sort_by_parameter_order``, which
+  SQLite serves one row per statement). On SQLite the rows of a multi-row INSERT are read
+  back by rowid: the consecutive rowids ending at ``last_insert_rowid()``.
 
-Bulk events have ``metadata["bulk"] = True``. Known limits (documented in the README): a Core
-executemany INSERT whose keys the database generates gives events with the given values only
-(no generated key, empty ``key``); ``insert().from_select()`` and statements on joins are not
-captured.
+Bulk events have ``metadata["bulk"] = True``. Known limits (documented in the README): on
+PostgreSQL a Core executemany INSERT whose keys the database generates gives events with the
+given values only (no generated key, empty ``key``); ``insert().from_select()`` and statements
+on joins are not captured.
 """
 
 from __future__ import annotations
@@ -188,15 +190,20 @@ class _Plan:
         if getattr(opts, "_dml_strategy", None) != "bulk":
             return False
         d = self.dialect
-        return bool(d.insert_executemany_returning_sort_by_parameter_order
-                    if self.executemany else d.insert_returning)
+        # Not sort_by_parameter_order: SQLite would get one INSERT per row for it.
+        return bool(d.insert_executemany_returning if self.executemany else d.insert_returning)
 
     def _run_orm_bulk_insert(self, orm_state: ORMExecuteState) -> Any:
-        stmt = self.statement.returning(*self.columns, sort_by_parameter_order=True)
+        stmt = self.statement.returning(*self.columns)
         result = orm_state.invoke_statement(statement=stmt)
         try:
-            rows = result.all()
-            self._emit(orm_state.session, [self._row(r) for r in rows])
+            payloads = [self._row(r) for r in result.all()]
+            if len(self.pk_cols) == 1:
+                # Insertion order (RETURNING's row order is the database's choice).
+                pk = self.keys[self.columns.index(self.pk_cols[0])]
+                if all(isinstance(p.get(pk), int) for p in payloads):
+                    payloads.sort(key=lambda p: p[pk])  # type: ignore[arg-type,return-value]
+            self._emit(orm_state.session, payloads)
         except Exception as exc:  # noqa: BLE001 - capture never fails the user's work
             self.capture.error(exc, "do_orm_execute")
         # What SQLAlchemy returns for an ORM bulk INSERT without returning().
@@ -299,6 +306,14 @@ class _Plan:
         if unknown and keys and all(k is not None for k in keys):
             rows = self._select_by_pk(session, orm_state, keys)  # type: ignore[arg-type]
             given = [rows.get(k, p) for k, p in zip(keys, given, strict=True)]  # type: ignore[arg-type]
+        elif (unknown and self.dialect.name == "sqlite" and not any(keys)
+              and (self.executemany or len(given) > 1) and not self.user_returning):
+            # SQLite: the rows of one INSERT get consecutive rowids ending at the
+            # connection's last_insert_rowid() (no one else can insert meanwhile).
+            inserted = sqlite_inserted(self._connection(session, orm_state), self.table,
+                                       self.columns, given)
+            if inserted is not None:
+                given = [self._row(r) for r in inserted]
         elif (unknown and len(given) == 1 and isinstance(result, CursorResult)
               and self.dialect.name == "sqlite" and not self.executemany):
             # SQLite: the row just inserted is the connection's last rowid (a pure read of
@@ -516,3 +531,24 @@ def _peek(result: CursorResult[Any], dialect: Dialect) -> list[Sequence[Any]] | 
     got = cursor.fetchall()
     scroll(0, mode="absolute")  # a client-side cursor (psycopg): back to the first row
     return list(got)
+
+
+def sqlite_inserted(conn: Connection, table: Table, columns: Sequence[Column[Any]],
+                    given: Sequence[Mapping[str, Any]]) -> list[Any] | None:
+    """The rows the last INSERT on ``conn`` added to ``table`` (SQLite), in one SELECT: the
+    ``len(given)`` rowids ending at ``last_insert_rowid()``; ``None`` when that cannot be
+    trusted (a table without rowid, rows that are not the ones given)."""
+    if not given or table.dialect_options["sqlite"].get("with_rowid", True) is False:
+        return None
+    rowid: ColumnElement[Any] = literal_column("_rowid_")
+    last: ColumnElement[Any] = literal_column("last_insert_rowid()")
+    rows = conn.execute(select(*columns).where(
+        rowid.between(last - (len(given) - 1), last)).order_by(rowid)).all()
+    if len(rows) != len(given):
+        return None
+    keys = [str(c.key) for c in columns]
+    for row, values in zip(rows, given, strict=True):
+        got = {k: jsonable(v) for k, v in zip(keys, row, strict=True)}
+        if any(k in got and got[k] != v for k, v in values.items()):
+            return None  # not our rows after all: keep what is known
+    return list(rows)

@@ -6,12 +6,12 @@ They bypass both the unit of work and ``do_orm_execute``; all three go through
 captured session class (undone by ``CaptureHandle.remove()``). Around the call, as for bulk
 statements, never per row:
 
-- inserted mappings are passed as copies with ``return_defaults=True`` where the dialect can
-  return keys from an executemany in parameter order (PostgreSQL, SQLite ≥ 3.35), so the
-  generated keys are known without touching the caller's dicts; objects saved by
-  ``bulk_save_objects`` are not changed either (their generated keys are known only with
-  ``return_defaults=True``, as without capture). Server defaults are read back by primary key
-  in one ``SELECT``.
+- inserted rows (mappings, and new objects of ``bulk_save_objects``) are passed as copies
+  with ``return_defaults=True`` where the dialect returns keys from an executemany in
+  parameter order in one statement (PostgreSQL), so the generated keys are known and the
+  caller's dicts and objects stay exactly as SQLAlchemy leaves them; on SQLite (which would
+  then insert row by row) the rows are read back by rowid in one ``SELECT``. Server defaults
+  are read back by primary key in one ``SELECT``.
 - updates read the rows' old values by primary key in one ``SELECT`` before the call, so
   ``metadata["changes"]`` has ``old`` and ``new``.
 """
@@ -24,8 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import inspect, select, tuple_
 from sqlalchemy.orm.state import InstanceState
+from sqlalchemy.sql.schema import Table
 
 from .._types import JSON
+from ._bulk import sqlite_inserted
 from ._context import who
 from ._targets import MISSING, Target, is_value, jsonable
 
@@ -147,7 +149,8 @@ class _Call:
             for state in self.rows:
                 self.snapshots.append(self._snapshot(state))
         if not self.isupdate and not self.kw.get("return_defaults") and \
-                self.dialect.insert_executemany_returning_sort_by_parameter_order:
+                self.dialect.insert_executemany_returning_sort_by_parameter_order and \
+                self.dialect.name != "sqlite":  # SQLite would insert row by row for it
             # Copies of the values (SQLAlchemy copies them too without return_defaults), so
             # the caller's dicts and objects stay exactly as they would; the copies get the
             # generated keys.
@@ -244,6 +247,20 @@ class _Call:
                 rows = self._select(keys)  # type: ignore[arg-type]
                 payloads = [{**p, **rows.get(k, {})} for k, p in  # type: ignore[arg-type]
                             zip(keys, payloads, strict=True)]
+            elif unknown and self.dialect.name == "sqlite" and not any(keys) and \
+                    len(self.mapper.tables) == 1 and isinstance(self.target.table, Table):
+                # SQLite: consecutive rowids ending at last_insert_rowid() (see _bulk).
+                table = self.target.table
+                conn = self.session.connection(bind_arguments={"mapper": self.mapper})
+                cols = list(table.columns)
+                by_column = [{str(c.key): p[str(c.key)] for c in cols if str(c.key) in p}
+                             for p in payloads]
+                found = sqlite_inserted(conn, table, cols, by_column)
+                if found is not None:
+                    col_keys = [str(c.key) for c in cols]
+                    payloads = [{**p, **{k: jsonable(v) for k, v in zip(col_keys, r,
+                                                                          strict=True)}}
+                                for p, r in zip(payloads, found, strict=True)]
             extras = [{"bulk": True} for _ in payloads]
         capture = self.capture
         by = who(session)

@@ -78,3 +78,17 @@ def test_legacy__removed_handle_unwraps(h: Harness) -> None:
     assert ("_bulk_save_mappings" in session_class.__dict__) is False or had
     h.tx(lambda s: s.bulk_insert_mappings(User, [{"name": "a"}]))
     assert h.events == []
+
+
+def test_legacy__no_statement_per_row(h: Harness) -> None:
+    """Capturing 50 inserted mappings adds at most one statement (a SELECT of the rows),
+    never one per row."""
+    def count() -> int:
+        statements = h.count_statements()
+        h.tx(lambda s: s.bulk_insert_mappings(User, [{"name": f"u{i}"} for i in range(50)]))
+        return len(statements)
+
+    plain = count()
+    h.capture()
+    assert count() - plain <= 1
+    assert len(h.events) == 50 and all(isinstance(i, int) for i in _ids(h))
