@@ -18,6 +18,7 @@ from ...event import Event, EventStatus
 from ...pattern import compile_pattern
 from ..base import EventFilter
 from ._codec import row_event, utc
+from ._schema import EVENT_COLUMNS
 
 if TYPE_CHECKING:
     from ._dialect import Dialect
@@ -25,8 +26,8 @@ if TYPE_CHECKING:
 
 __all__ = ["iter_events", "purge"]
 
-_CREATED_AT = 13  # index of created_at in EVENT_COLUMNS
-_SEQ = 17  # the seq selected after the event columns
+_CREATED_AT = EVENT_COLUMNS.index("created_at")
+_SEQ = len(EVENT_COLUMNS)  # seq is selected right after the event columns
 
 
 def _conditions(dialect: Dialect, f: EventFilter) -> tuple[list[sa.ColumnElement[bool]],
