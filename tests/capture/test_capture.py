@@ -13,7 +13,7 @@ from sqlalchemy_eventbroker import EventSource, EventStatus, PayloadError
 from sqlalchemy_eventbroker.capture import CRUDHookConfig, event_context
 
 from .conftest import MARKER, Harness, assert_marker_never_logged
-from .models import Document, Employee, Engineer, Ledger, Membership, Post, User
+from .models import Article, Document, Employee, Engineer, Ledger, Membership, Post, Tag, User
 
 
 def _add_user(s: Session, name: str = "ada", **kw: object) -> User:
@@ -582,19 +582,27 @@ def test_context__nul_in_metadata_is_refused_at_once() -> None:
 
 
 def test_cost__flush_of_100_objects_adds_no_statements(h: Harness) -> None:
-    """Capture adds no statements to a 100-object insert/update/delete cycle."""
+    """Capture adds no statements to a 100-object insert/update/delete cycle, many-to-many
+    association rows in the same flushes included."""
     def cycle() -> int:
         statements = h.count_statements()
 
         def work(s: Session) -> None:
             users = [User(name=f"u{i}") for i in range(100)]
-            s.add_all(users)
+            tags = [Tag(label=f"t{i}") for i in range(3)]
+            articles = [Article(title=f"a{i}", tags=tags[:2]) for i in range(10)]
+            s.add_all([*users, *articles])
             s.flush()
             for u in users:
                 u.score += 1
+            for a in articles:
+                a.tags.append(tags[2])
+                a.tags.remove(tags[0])
             s.flush()
             for u in users:
                 s.delete(u)
+            for a in articles:
+                s.delete(a)
 
         h.tx(work)
         return len(statements)
@@ -603,7 +611,9 @@ def test_cost__flush_of_100_objects_adds_no_statements(h: Harness) -> None:
     h.capture()
     captured = cycle()
     assert captured == plain
-    assert len(h.events) == 300
+    links = [e for e in h.events if e.entity == "article_tags"]
+    assert len(h.events) - len(links) == 300 + 3 + 10 + 10  # users, tags, articles
+    assert len(links) == 20 + 20 + 20  # 2 per article, then +1 -1, then 2 with the article
 
 
 # -- registration --------------------------------------------------------------------------
