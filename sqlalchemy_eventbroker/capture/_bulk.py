@@ -276,7 +276,11 @@ class _Plan:
                   returned: list[Any]) -> list[Payload]:
         """The inserted rows: parameters as executed, generated keys, server defaults."""
         given: list[Payload]
-        if isinstance(result, CursorResult) and result.context.compiled is not None:
+        multi = getattr(self.statement, "_multi_values", ())
+        if multi:
+            # insert().values([{...}, {...}]): one statement, several rows.
+            given = [self._params_payload(_literals(row)) for row in multi[0]]
+        elif isinstance(result, CursorResult) and result.context.compiled is not None:
             executed = result.last_inserted_params()
             sets = executed if isinstance(executed, list) else [executed]
             given = [self._params_payload(p) for p in sets]
@@ -286,7 +290,7 @@ class _Plan:
         if returned and len(returned) == len(given):
             for payload, row in zip(given, returned, strict=True):
                 payload.update(row)
-        if (isinstance(result, CursorResult) and not self.user_returning
+        if (isinstance(result, CursorResult) and not self.user_returning and not multi
                 and self.pk_cols and result.context.compiled is not None):
             try:
                 pk_rows = result.inserted_primary_key_rows
@@ -307,7 +311,7 @@ class _Plan:
             rows = self._select_by_pk(session, orm_state, keys)  # type: ignore[arg-type]
             given = [rows.get(k, p) for k, p in zip(keys, given, strict=True)]  # type: ignore[arg-type]
         elif (unknown and self.dialect.name == "sqlite" and not any(keys)
-              and (self.executemany or len(given) > 1) and not self.user_returning):
+              and (self.executemany or len(given) > 1 or multi) and not self.user_returning):
             # SQLite: the rows of one INSERT get consecutive rowids ending at the
             # connection's last_insert_rowid() (no one else can insert meanwhile).
             inserted = sqlite_inserted(self._connection(session, orm_state), self.table,
@@ -492,6 +496,18 @@ class _Plan:
                 events.append(event)
         if events:
             self.uow.stash(session, events)
+
+
+def _literals(row: Any) -> dict[Any, Any]:
+    """The literal values of one row of a multi-row ``values()`` (SQL expressions left out)."""
+    items = row.items() if isinstance(row, Mapping) else ()
+    out: dict[Any, Any] = {}
+    for key, value in items:
+        if _is_bind(value):
+            out[key] = value.value
+        elif not hasattr(value, "__clause_element__") and not hasattr(value, "_is_clause_element"):
+            out[key] = value
+    return out
 
 
 def _is_bind(value: object) -> bool:

@@ -46,6 +46,8 @@ CASES: dict[str, Run] = {
     # Core statements on the plain Table, through the session
     "core-insert-values": lambda s: s.execute(sa.insert(users).values(name="x")),
     "core-insert-many": lambda s: s.execute(sa.insert(users), [{"name": "x"}, {"name": "y"}]),
+    "core-insert-multi-values": lambda s: s.execute(sa.insert(users).values(
+        [{"name": "x", "email": None}, {"name": "y", "email": None}])),
     "core-insert-returning": lambda s: s.execute(
         sa.insert(users).values(name="x").returning(users.c.id, users.c.score)),
     "core-insert-return-defaults": lambda s: s.execute(
@@ -131,7 +133,8 @@ AFFECTED = {
     "orm-insert-returning": 1, "orm-insert-many-returning": 2,
     "orm-insert-returning-entity": 2, "orm-update": 2, "orm-update-returning": 1,
     "orm-update-by-pk-many": 2, "orm-delete": 1, "orm-delete-returning": 2,
-    "core-insert-values": 1, "core-insert-many": None, "core-insert-returning": 1,
+    "core-insert-values": 1, "core-insert-many": None, "core-insert-multi-values": None,
+    "core-insert-returning": 1,
     "core-insert-return-defaults": 1, "core-update": 1, "core-update-many": 2,
     "core-update-returning": 2, "core-delete": 1, "core-delete-returning": 2,
 }
@@ -142,8 +145,9 @@ def test_result__events_hold_the_whole_row_of_every_affected_row(h: Harness, cas
     """Each affected row gives one event whose payload is the whole row (generated key and
     server defaults included) and whose key names it; updates carry old and new values.
 
-    The one exception is documented: on PostgreSQL a Core executemany INSERT whose keys the
-    database generates gives events with the values it was given (SQLAlchemy's result holds
+    The one exception is documented: on PostgreSQL a Core multi-row INSERT (executemany or
+    ``values([...])``) whose keys the database generates gives events with the values it was
+    given (SQLAlchemy's result holds
     no keys, and adding RETURNING would change it); SQLite finds them by rowid."""
     _reset(h)
     h.capture()
