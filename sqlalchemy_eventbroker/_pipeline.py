@@ -45,6 +45,7 @@ MAX_DEAD_LETTERS = 10_000
 #: all jobs: it is held for a handful of bytecodes, and a lock per job would cost more.
 _JOB_LOCK = threading.Lock()
 _NO_FAILURES: list[tuple[str, BaseException]] = []  # shared, never appended to (see Job.fail)
+_FAILED = EventStatus.FAILED
 
 
 class _Depth(threading.local):
@@ -190,64 +191,84 @@ class Pipeline:
         """
         if jobs is None:
             route = self.route
-            jobs = []
-            for event in events:
-                subs = route(event.type)
-                if subs:
-                    jobs.append(Job(event, subs))
-        pool = None
-        if jobs and not inline:
-            pool = self.pool or self.ensure_pool()
-            if way.admission is Admission.REFUSE:
-                pool.try_reserve(len(jobs))
-        depth = 0
-        if inline and jobs:
-            depth = self._depth.value
-            if depth >= self.max_publish_depth:
-                raise PublishDepthExceeded(
-                    f"publish from a handler nested {depth} deep (max_publish_depth="
-                    f"{self.max_publish_depth}): a handler that publishes what it handles?"
-                )
-        try:
-            if way.store:
-                self.provider.store_and_publish_many(events, origin=self.origin)
-            elif way.announce and self.outbox is not None:
-                self.outbox.announce_committed(events)
-        except BaseException:
-            if pool is not None and way.admission is Admission.REFUSE:
-                pool.release(len(jobs))
-            raise
-        if way.counted:
-            self._count_published(events)
-        unhandled = len(events) - len(jobs) if jobs is not None else 0
-        if unhandled > 0:
-            with self.counter_lock:
-                self.processed += unhandled
+            jobs = [Job(e, subs) for e in events if (subs := route(e.type))]
+        if not inline:
+            self._to_pool(events, way, jobs)
+            return _NO_FAILURES
+        depth = self._depth.value
+        if jobs and depth >= self.max_publish_depth:
+            raise PublishDepthExceeded(
+                f"publish from a handler nested {depth} deep (max_publish_depth="
+                f"{self.max_publish_depth}): a handler that publishes what it handles?"
+            )
+        self._store(events, way, len(events) - len(jobs))
         if not jobs:
-            return []
-        if pool is not None:
-            for job in jobs:
-                if way.admission is Admission.REFUSE:
-                    pool.put_reserved(job)
-                else:
-                    pool.put(job, block_while_full=way.admission is Admission.WAIT)
-            return []
+            return _NO_FAILURES
         self._depth.value = depth + 1
         interrupt: BaseException | None = None
         try:
             for job in jobs:
                 if interrupt is None:
                     self._run(job, job.subs, inline=True)
-                    interrupt = _interrupt_of(job)
+                    if job.failures:
+                        interrupt = _interrupt_of(job)
                 else:  # KeyboardInterrupt, SystemExit: end the batch, every event failed
                     for sub in job.subs:
                         job.fail(sub.id, interrupt)
         finally:
             self._depth.value = depth
-        self.record([self._conclude(j) for j in jobs], inline=True)
+        self.record(jobs, inline=True)
         if interrupt is not None:
             raise interrupt  # recorded first: no event is left pending
         return [f for job in jobs if job.failures for f in job.failures]
+
+    def _to_pool(self, events: Sequence[Event], way: Way, jobs: list[Job]) -> None:
+        """The pool's half of :meth:`run`: claim places, store, then queue the jobs."""
+        pool = None
+        admission = way.admission
+        if jobs:
+            pool = self.pool or self.ensure_pool()
+            if admission is Admission.REFUSE:
+                pool.try_reserve(len(jobs))
+        try:
+            self._store(events, way, len(events) - len(jobs))
+        except BaseException:
+            if pool is not None and admission is Admission.REFUSE:
+                pool.release(len(jobs))
+            raise
+        if pool is None:
+            return
+        if admission is Admission.REFUSE:
+            for job in jobs:
+                pool.put_reserved(job)
+        else:
+            wait = admission is Admission.WAIT
+            for job in jobs:
+                pool.put(job, block_while_full=wait)
+
+    def _store(self, events: Sequence[Event], way: Way, unhandled: int) -> None:
+        """Store (or announce) ``events`` as ``way`` says, and count them.
+
+        ``unhandled`` events matched no local handler: they are done already (counted as
+        processed, as an event no handler matched is not an error).
+        """
+        if way.store:
+            self.provider.store_and_publish_many(events, origin=self.origin)
+        elif way.announce and self.outbox is not None:
+            self.outbox.announce_committed(events)
+        counted = way.counted
+        if counted or unhandled:
+            with self.counter_lock:
+                if counted:
+                    self.published += len(events)
+                self.processed += unhandled
+        if counted:
+            published = self.metrics.published
+            send = signals.event_published.receivers
+            for e in events:
+                published(e.source, e.type)
+                if send:
+                    self.send(signals.event_published, e)
 
     def run_item(self, item: Job | tuple[Job, Subscription]) -> Job | None:
         """A worker's unit: a job's handlers, or one handler's retry.
@@ -303,9 +324,7 @@ class Pipeline:
             with job.lock:
                 job.pending -= finished
                 done = job.pending == 0
-        if inline or not done:
-            return None
-        return self._conclude(job)
+        return self._conclude(job) if done else None
 
     def _call(self, sub: Subscription, event: Event) -> BaseException | None:
         """The one place a handler is called: with its own copy of the event."""
@@ -365,15 +384,19 @@ class Pipeline:
         The status is written before the counters move: whoever sees ``total_processed``
         grow can read the outcome from the provider when it was written at once.
         """
-        updates = [StatusUpdate(j.event.id, j.event.status, j.event.error, j.event.retry_count)
-                   for j in jobs]
+        updates = []
+        failed: list[Job] = []
+        for j in jobs:
+            e = j.event
+            updates.append(StatusUpdate(e.id, e.status, e.error, e.retry_count))
+            if e.status is _FAILED:
+                failed.append(j)
         if inline or self.provider.in_process:
             self.write_statuses(updates)
         else:
             writer = self._status_writer()
             for update in updates:
                 writer.add(update)
-        failed = [j for j in jobs if j.event.status is EventStatus.FAILED]
         with self.counter_lock:
             self.processed += len(jobs)
             self.failed += len(failed)
@@ -389,23 +412,13 @@ class Pipeline:
                     self.dead.popitem(last=False)
         if signals.event_processed.receivers or signals.event_failed.receivers:
             for j in jobs:
-                signal = (signals.event_failed if j.event.status is EventStatus.FAILED
-                          else signals.event_processed)
+                signal = signals.event_failed if j.event.status is _FAILED \
+                    else signals.event_processed
                 if signal.receivers:
                     self.send(signal, j.event)
         for j in jobs:
             if j.delivery is not None:
                 self.on_acknowledge(j)
-
-    def _count_published(self, events: Sequence[Event]) -> None:
-        with self.counter_lock:
-            self.published += len(events)
-        published = self.metrics.published
-        send = signals.event_published.receivers
-        for e in events:
-            published(e.source, e.type)
-            if send:
-                self.send(signals.event_published, e)
 
     def write_statuses(self, updates: list[StatusUpdate]) -> None:
         try:
