@@ -147,49 +147,78 @@ def check_storable(value: object, path: str = "payload", _depth: int = 0) -> Non
     Raises:
         PayloadError: naming the path of the offending value (never its text).
     """
+    bad = _walk(value, _depth)
+    if bad is not None:
+        reason, where = bad
+        steps = "".join(f"[{k}]" if type(k) is int else f".{k}" for k in reversed(where))
+        raise PayloadError(f"{path}{steps}: {reason}")
+
+
+_Bad = tuple[str, list[str | int]]
+
+
+def _walk(value: object, depth: int) -> _Bad | None:
+    """The first thing :func:`check_storable` refuses in ``value``: ``(reason, the path's
+    steps innermost first)``, or None. The path is built only on the way out of a failure,
+    so a good payload costs no string formatting at all."""
     cls = type(value)
     if cls is dict:
-        if _depth >= MAX_DEPTH:
-            raise _too_deep(path)
+        if depth >= MAX_DEPTH:
+            return _TOO_DEEP, []
         for k, v in value.items():  # type: ignore[attr-defined]
             if k.__class__ is not str:
-                raise PayloadError(f"{path}: a dict key of type {type(k).__name__} is not a str")
+                return f"a dict key of type {type(k).__name__} is not a str", []
             if _NUL in k or not k.isascii():
-                bad = _bad_text(k)
-                if bad is not None:
-                    raise PayloadError(f"{path}: a key holds {bad}; refused on every backend")
+                text = _bad_text(k)
+                if text is not None:
+                    return f"a key holds {text}; refused on every backend", []
             t = v.__class__
             if t is str:
                 if _NUL in v or not v.isascii():
-                    _check_text(v, f"{path}.{k}")
+                    text = _bad_text(v)
+                    if text is not None:
+                        return f"a string holds {text}; refused on every backend", [k]
             elif t is float:
                 if v - v != 0:  # inf - inf and nan - nan are nan; finite - itself is 0
-                    check_storable(v, f"{path}.{k}", _depth + 1)
+                    return f"{v!r} is not a finite number and JSON cannot hold it", [k]
             elif t not in _PLAIN:
-                check_storable(v, f"{path}.{k}", _depth + 1)
+                bad = _walk(v, depth + 1)
+                if bad is not None:
+                    bad[1].append(k)
+                    return bad
     elif cls is list:
-        if _depth >= MAX_DEPTH:
-            raise _too_deep(path)
+        if depth >= MAX_DEPTH:
+            return _TOO_DEEP, []
         for i, v in enumerate(value):  # type: ignore[arg-type]
             t = v.__class__
             if t is str:
                 if _NUL in v or not v.isascii():
-                    _check_text(v, f"{path}[{i}]")
+                    text = _bad_text(v)
+                    if text is not None:
+                        return f"a string holds {text}; refused on every backend", [i]
             elif t is float:
-                if v - v != 0:  # inf - inf and nan - nan are nan; finite - itself is 0
-                    check_storable(v, f"{path}[{i}]", _depth + 1)
+                if v - v != 0:
+                    return f"{v!r} is not a finite number and JSON cannot hold it", [i]
             elif t not in _PLAIN:
-                check_storable(v, f"{path}[{i}]", _depth + 1)
+                bad = _walk(v, depth + 1)
+                if bad is not None:
+                    bad[1].append(i)
+                    return bad
     elif cls is str:
-        _check_text(value, path)  # type: ignore[arg-type]
+        text = _bad_text(value)  # type: ignore[arg-type]
+        if text is not None:
+            return f"a string holds {text}; refused on every backend", []
     elif cls is float:
         if not math.isfinite(value):  # type: ignore[arg-type]
-            raise PayloadError(f"{path}: {value!r} is not a finite number and JSON cannot hold it")
+            return f"{value!r} is not a finite number and JSON cannot hold it", []
     elif cls not in _PLAIN:
         # The type, never the value: error messages and logs carry no payload data.
-        raise PayloadError(
-            f"{path}: a {cls.__name__} is not plain JSON (dict, list, str, int, float, bool, "
-            f"None); convert it with Event.set_payload")
+        return (f"a {cls.__name__} is not plain JSON (dict, list, str, int, float, bool, "
+                f"None); convert it with Event.set_payload"), []
+    return None
+
+
+_TOO_DEEP = f"nested deeper than {MAX_DEPTH} levels of dicts and lists"
 
 
 def _check_text(text: str, path: str) -> None:

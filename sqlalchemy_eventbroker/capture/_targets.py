@@ -45,8 +45,10 @@ class Target:
         whose ``__eventbroker__`` applies to its rows too."""
         self.table = table
         self.mapper = mapper
-        self.entity = table.name
-        self.schema = table.schema
+        # Plain str: SQLAlchemy's quoted_name is a str subclass, which every event would then
+        # carry (and Event.validate would take its slow path for).
+        self.entity = str(table.name)
+        self.schema = str(table.schema) if table.schema is not None else None
         self.captured = config.captures(table)
         #: ``(attribute key, payload key)`` for every column attribute (all tables of an
         #: inheritance hierarchy), payload key = the column key.
@@ -99,7 +101,7 @@ class Target:
         default = dialect.default_schema_name
         by_op = self.types.get(default)
         if by_op is None:
-            schema = self.schema or default or _DEFAULT_SCHEMAS.get(dialect.name, "") or "default"
+            schema = str(self.schema or default or _DEFAULT_SCHEMAS.get(dialect.name, "") or "default")
             by_op = self.types[default] = {
                 op: (schema, f"{schema}.{self.entity}.{op}") for op in _OPERATIONS
             }
@@ -117,7 +119,8 @@ class Target:
             v = payload.get(k)
             if v is None:
                 return ""
-            parts.append(v if isinstance(v, str) else _json.dumps(v))
+            t = v.__class__
+            parts.append(v if t is str else str(v) if t is int else _json.dumps(v))
         return f"{schema}.{self.entity}:{','.join(parts)}"
 
 

@@ -60,22 +60,30 @@ def json_document(events: Sequence[Event], origin: str) -> str:
             event id and the path, never the value.
     """
     tag = origin or None
-    parts: list[str] = []
+    rows: list[dict[str, Any]] = []
     for e in events:
         try:
             _storable(e)
-            parts.append(_json.dumps({
-                "id": e.id, "source": str(e.source), "type": e.type, "status": str(e.status),
-                "retry_count": e.retry_count, "error": e.error, "payload": e.payload,
-                "user_id": e.user_id, "session_id": e.session_id, "instance_id": e.instance_id,
-                "schema": e.schema, "entity": e.entity, "operation": e.operation,
-                "created_at": _iso(e.created_at), "processed_at": _iso(e.processed_at),
-                "completed_at": _iso(e.completed_at), "metadata": e.metadata, "origin": tag,
-                "key": e.key,
-            }))  # fmt: skip
         except PayloadError as exc:
             raise _failed(e, exc) from None
-    return "[" + ",".join(parts) + "]"
+        rows.append({
+            "id": e.id, "source": str(e.source), "type": e.type, "status": str(e.status),
+            "retry_count": e.retry_count, "error": e.error, "payload": e.payload,
+            "user_id": e.user_id, "session_id": e.session_id, "instance_id": e.instance_id,
+            "schema": e.schema, "entity": e.entity, "operation": e.operation,
+            "created_at": _iso(e.created_at), "processed_at": _iso(e.processed_at),
+            "completed_at": _iso(e.completed_at), "metadata": e.metadata, "origin": tag,
+            "key": e.key,
+        })  # fmt: skip
+    try:
+        return _json.dumps(rows)  # one encoder call for the batch: the common case
+    except PayloadError:
+        for e, row in zip(events, rows, strict=True):  # name the event that cannot be encoded
+            try:
+                _json.dumps(row)
+            except PayloadError as exc:
+                raise _failed(e, exc) from None
+        raise
 
 
 def core_rows(events: Sequence[Event], origin: str) -> list[dict[str, Any]]:
