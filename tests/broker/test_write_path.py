@@ -27,6 +27,8 @@ from sqlalchemy_eventbroker import (
 )
 from sqlalchemy_eventbroker.providers.base import bus_provider
 
+from ..providers.test_memory import Section4Only
+
 
 def _broker(mode: str = "sync", **kw: Any) -> Broker:
     kw.setdefault("retry_policy", RetryPolicy(max_retries=1, initial_delay=0.001))
@@ -102,51 +104,13 @@ def test_max_publish_depth__validated() -> None:
 # -- a provider with only API.md section 4 ---------------------------------------------
 
 
-class _SectionFour:
-    """A third-party provider: only the methods API.md section 4 names, delegated."""
-
-    def __init__(self, inner: MemoryProvider) -> None:
-        self._p = inner
-
-    def store(self, event: Event) -> None:
-        self._p.store(event)
-
-    def get(self, event_id: str) -> Event | None:
-        return self._p.get(event_id)
-
-    def list(self, filter: EventFilter) -> list[Event]:
-        return self._p.list(filter)
-
-    def update_status(self, event_id: str, status: EventStatus, error: str = "", *,
-                      retry_count: int | None = None) -> None:
-        self._p.update_status(event_id, status, error, retry_count=retry_count)
-
-    def delete(self, event_id: str) -> None:
-        self._p.delete(event_id)
-
-    def publish(self, event: Event) -> None:
-        self._p.publish(event)
-
-    def stream(self, pattern: str) -> Any:
-        return self._p.stream(pattern)
-
-    def group_stream(self, pattern: str, group: str, *, lease: float = 30.0) -> Any:
-        return self._p.group_stream(pattern, group, lease=lease)
-
-    def close(self) -> None:
-        self._p.close()
-
-    def stats(self) -> Any:
-        return self._p.stats()
-
-
 def test_section_four_provider__two_brokers_form_one_bus_without_echo() -> None:
     """Brokers on a provider that has only section 4's methods see each other's events once
     and never their own (the adapter skips them), in both modes."""
     shared = MemoryProvider()
-    assert not isinstance(_SectionFour(shared), type(bus_provider(shared)))
-    a = Broker(_SectionFour(shared), mode="sync", registry=CollectorRegistry()).start()
-    b = Broker(_SectionFour(shared), mode="async", registry=CollectorRegistry()).start()
+    assert not isinstance(Section4Only(shared), type(bus_provider(shared)))
+    a = Broker(Section4Only(shared), mode="sync", registry=CollectorRegistry()).start()
+    b = Broker(Section4Only(shared), mode="async", registry=CollectorRegistry()).start()
     got_a: list[str] = []
     got_b: list[str] = []
     done = threading.Event()

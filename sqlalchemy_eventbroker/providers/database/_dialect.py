@@ -186,11 +186,16 @@ class Dialect:
         """SQL for a subscription pattern on ``type``, and whether it is exact (else the caller
         filters the rows with the pattern too)."""
         segments = validate_pattern(pattern)
-        col = self.t.c.type
         if pattern == "*":
             return None, True
         if "*" not in pattern:
-            return col == pattern, True
+            return self.t.c.type == pattern, True
+        return self._wildcard_clause(segments)
+
+    def _wildcard_clause(self, segments: Sequence[str]) -> tuple[sa.ColumnElement[bool] | None,
+                                                                  bool]:
+        """:meth:`type_clause` for a pattern with ``*``/``**``: here only the literal prefix
+        (the caller filters the rows with the pattern too); dialects match exactly."""
         conds = self._prefix(segments)
         return (sa.and_(*conds) if conds else None), False
 
@@ -237,13 +242,9 @@ class SqliteDialect(Dialect):
         with conn.begin_nested():
             self.insert(conn, params)
 
-    def type_clause(self, pattern: str) -> tuple[sa.ColumnElement[bool] | None, bool]:
-        segments = validate_pattern(pattern)
+    def _wildcard_clause(self, segments: Sequence[str]) -> tuple[sa.ColumnElement[bool] | None,
+                                                                  bool]:
         col = self.t.c.type
-        if pattern == "*":
-            return None, True
-        if "*" not in pattern:
-            return col == pattern, True
         conds = self._prefix(segments)
         glob = ".".join("*" if "*" in s else _glob_escape(s) for s in segments)
         conds.append(col.op("GLOB")(glob))
@@ -407,13 +408,9 @@ class PostgresDialect(Dialect):
             .where(self._past(cursor)).order_by(t.c.tx_id, t.c.seq).limit(limit)
         )
 
-    def type_clause(self, pattern: str) -> tuple[sa.ColumnElement[bool] | None, bool]:
-        segments = validate_pattern(pattern)
+    def _wildcard_clause(self, segments: Sequence[str]) -> tuple[sa.ColumnElement[bool] | None,
+                                                                  bool]:
         col = self.t.c.type
-        if pattern == "*":
-            return None, True
-        if "*" not in pattern:
-            return col == pattern, True
         conds = self._prefix(segments)
         parts = [".*" if s == "**" else "[^.]*" if s == "*" else re.escape(s) for s in segments]
         conds.append(col.op("~")("^" + r"\.".join(parts) + "$"))

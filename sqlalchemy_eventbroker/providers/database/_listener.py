@@ -118,11 +118,7 @@ class Announcer:
     def _close_conn(self) -> None:
         conn, self._conn = self._conn, None
         self.backend_pid = None
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception:  # best effort on a broken connection
-                logger.debug("closing the announcer connection failed", exc_info=True)
+        _close_quietly(conn, "announcer")
 
 
 class Listener:
@@ -327,8 +323,14 @@ class Listener:
     def _close_conn(self) -> None:
         conn, self._conn = self._conn, None
         self.backend_pid = None
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception:  # best effort on a broken connection
-                logger.debug("closing the LISTEN connection failed", exc_info=True)
+        _close_quietly(conn, "LISTEN")
+
+
+def _close_quietly(conn: Any, what: str) -> None:
+    """Close a dedicated connection, best effort: it may be broken already."""
+    if conn is None:
+        return
+    try:
+        conn.close()
+    except Exception:  # best effort on a broken connection
+        logger.debug("closing the %s connection failed", what, exc_info=True)
