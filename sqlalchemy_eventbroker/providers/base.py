@@ -374,15 +374,15 @@ class _SectionFourAdapter:
     in_process: ClassVar[bool] = False
 
     def __init__(self, provider: Provider) -> None:
-        self._provider = provider
+        self._inner = provider
         self._own: dict[str, str] = {}
         self._own_lock = threading.Lock()
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._provider, name)
+        return getattr(self._inner, name)
 
     def __repr__(self) -> str:
-        return repr(self._provider)
+        return repr(self._inner)
 
     def store_and_publish_many(self, events: Sequence[Event], *, origin: str = "") -> None:
         if origin:
@@ -393,15 +393,15 @@ class _SectionFourAdapter:
                 while len(own) > MAX_OWN_IDS:
                     del own[next(iter(own))]
         for e in events:
-            self._provider.store(e)
-            self._provider.publish(e)
+            self._inner.store(e)
+            self._inner.publish(e)
 
     def update_status_many(self, updates: Sequence[StatusUpdate]) -> None:
         for u in updates:
-            self._provider.update_status(u.event_id, u.status, u.error, retry_count=u.retry_count)
+            self._inner.update_status(u.event_id, u.status, u.error, retry_count=u.retry_count)
 
     def stream(self, pattern: str, *, exclude_origin: str = "") -> EventStream:
-        inner = self._provider.stream(pattern)
+        inner = self._inner.stream(pattern)
         if not exclude_origin:
             return inner
         return _SkipOwnStream(inner, self, exclude_origin)
