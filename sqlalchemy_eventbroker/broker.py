@@ -29,7 +29,7 @@ from ._bus import Bus
 from ._pipeline import CAPTURED, PUBLISHED, WRITTEN, Pipeline, Subscription, raise_failures
 from ._types import Handler, SubscriptionID
 from .errors import BrokerStopped, ConfigError, HandlerError, SubscriptionNotFound
-from .event import Event, EventStatus
+from .event import FIELD_LIMITS, Event, EventStatus
 from .metrics import BrokerMetrics
 from .pattern import compile_pattern
 from .providers.base import EventFilter, Provider, TransactionalProvider, bus_provider
@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 #: Default for ``Broker(max_publish_depth=...)``: how deep sync handlers may publish from
 #: handlers before :class:`~sqlalchemy_eventbroker.errors.PublishDepthExceeded`.
 MAX_PUBLISH_DEPTH = 16
+#: Upper bounds of ``worker_count`` (threads) and ``buffer_size`` (queue places); the
+#: configuration file applies the same ones.
+MAX_WORKER_COUNT = 1024
+MAX_BUFFER_SIZE = 10_000_000
 #: Event types whose routes a broker caches (beyond it, routes are computed per publish).
 _MAX_ROUTES = 10_000
 
@@ -112,10 +116,15 @@ class Broker:
             raise ConfigError(
                 f"mode: expected 'sync' or 'async', got {mode!r}", path="mode"
             ) from None
-        for name, value in (("worker_count", worker_count), ("buffer_size", buffer_size),
-                            ("max_publish_depth", max_publish_depth)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name}: expected int >= 1, got {value!r}", path=name)
+        for name, value, most in (("worker_count", worker_count, MAX_WORKER_COUNT),
+                                  ("buffer_size", buffer_size, MAX_BUFFER_SIZE),
+                                  ("max_publish_depth", max_publish_depth, 1_000)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+                raise ConfigError(f"{name}: expected int from 1 to {most:,}, got {value!r}",
+                                  path=name)
+        if instance_id is not None and len(instance_id) > FIELD_LIMITS["instance_id"]:
+            raise ConfigError(f"instance_id: expected at most {FIELD_LIMITS['instance_id']} "
+                              f"characters, got {len(instance_id)}", path="instance_id")
         if provider is None:
             from .providers.memory import MemoryProvider
 

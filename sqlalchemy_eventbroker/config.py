@@ -60,6 +60,7 @@ from ._config_values import (
     set_field,
 )
 from ._types import JSON
+from .broker import MAX_BUFFER_SIZE, MAX_WORKER_COUNT
 from .errors import ConfigError
 from .event import FIELD_LIMITS
 from .providers._urls import redact_url
@@ -82,9 +83,8 @@ __all__ = [
 
 ROOT = "event_broker"
 
-#: Upper bounds of ``worker_count`` (threads) and of ``buffer_size`` / ``memory.max_events``.
-MAX_WORKER_COUNT = 1024
-MAX_BUFFER_SIZE = 10_000_000
+# Upper bounds of ``worker_count`` (threads) and of ``buffer_size`` / ``memory.max_events``
+# are the broker's own MAX_WORKER_COUNT / MAX_BUFFER_SIZE (``Broker`` checks them too).
 
 ProviderName = Literal["memory", "database", "redis", "nats"]
 ModeName = Literal["sync", "async"]

@@ -119,8 +119,10 @@ class Target:
             v = payload.get(k)
             if v is None:
                 return ""
-            t = v.__class__
-            parts.append(v if t is str else str(v) if t is int else _json.dumps(v))
+            if isinstance(v, str):
+                parts.append(v)
+            else:  # an int's JSON form is its str(), without the encoder call
+                parts.append(str(v) if v.__class__ is int else _json.dumps(v))
         return f"{schema}.{self.entity}:{','.join(parts)}"
 
 

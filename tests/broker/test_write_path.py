@@ -347,3 +347,17 @@ def test_async_handler_base_exception__event_failed_and_stop_is_prompt() -> None
     stored = broker.provider.get(event.id)
     assert stored is not None and stored.status is EventStatus.FAILED
     assert "SystemExit" in stored.error
+
+
+@pytest.mark.parametrize(("kw", "name"), [
+    ({"worker_count": 1025}, "worker_count"),
+    ({"buffer_size": 10_000_001}, "buffer_size"),
+    ({"instance_id": "x" * 256}, "instance_id"),
+])
+def test_broker__bounds_as_the_configuration_file(kw: dict[str, Any], name: str) -> None:
+    """``Broker()`` refuses what a configuration file would (an instance_id longer than an
+    event can carry would otherwise fail every publish later)."""
+    from sqlalchemy_eventbroker import ConfigError
+
+    with pytest.raises(ConfigError, match=name):
+        Broker(MemoryProvider(), registry=CollectorRegistry(), **kw)
