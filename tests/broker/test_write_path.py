@@ -27,7 +27,7 @@ from sqlalchemy_eventbroker import (
 )
 from sqlalchemy_eventbroker.providers.base import bus_provider
 
-from ..providers.test_memory import Section4Only
+from .._section4 import Section4Only
 
 
 def _broker(mode: str = "sync", **kw: Any) -> Broker:
