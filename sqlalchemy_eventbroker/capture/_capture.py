@@ -146,7 +146,7 @@ class Capture:
                   event.type, event.id, type(exc).__name__, exc)
         if broker is not None:
             try:
-                broker.count_capture_error(exc)
+                broker.metrics.error("capture")  # counted; logged once, above
             except Exception:
                 log.exception("eventbroker: counting a capture error failed")
 
