@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Self
@@ -488,7 +488,7 @@ class Broker:
                 else since
             flt = _replace(flt, start_time=start)
         count = 0
-        for event in _paged(self.provider, flt):
+        for event in self._pipeline.provider.iter_events(flt):
             result = handler(event)
             if inspect.isawaitable(result):
                 self._pipeline.runner.run(result)
@@ -534,19 +534,3 @@ def _close_quietly(obj: Any) -> None:
 
 def _replace(flt: EventFilter, **changes: Any) -> EventFilter:
     return dataclasses.replace(flt, **changes)
-
-
-def _paged(provider: Provider, flt: EventFilter, page: int = 1000) -> Iterable[Event]:
-    offset = flt.offset
-    remaining = flt.limit or None
-    while True:
-        size = page if remaining is None else min(page, remaining)
-        if size <= 0:
-            return
-        batch = provider.list(_replace(flt, limit=size, offset=offset))
-        yield from batch
-        if len(batch) < size:
-            return
-        offset += len(batch)
-        if remaining is not None:
-            remaining -= len(batch)

@@ -19,6 +19,7 @@ inheriting from us; :class:`ProviderBase` adds context management and a ``repr``
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import queue
 import threading
@@ -49,6 +50,7 @@ __all__ = [
     "StatusUpdate",
     "TransactionalProvider",
     "bus_provider",
+    "paged_events",
 ]
 
 
@@ -275,6 +277,12 @@ class BusProvider(Provider, Protocol):
         """Apply each update as :meth:`Provider.update_status` would; unknown ids are ignored."""
         ...
 
+    def iter_events(self, filter: EventFilter | None = None) -> Iterator[Event]:
+        """What ``list(filter)`` returns, oldest first, read in pages so that memory stays
+        flat for any number of events (``Broker.replay``). :func:`paged_events` is the
+        default; a backend with a cheaper order (keyset paging in SQL) declares its own."""
+        ...
+
     def stream(self, pattern: str, *, exclude_origin: str = "") -> EventStream:
         """A fan-out stream; events published with ``origin == exclude_origin`` are skipped."""
         ...
@@ -344,11 +352,32 @@ class ProviderBase(Closeable):
         """See :meth:`Provider.update_status`."""
         self.update_status_many((StatusUpdate(event_id, status, error, retry_count),))
 
+    def iter_events(self, filter: EventFilter | None = None) -> Iterator[Event]:
+        """See :meth:`BusProvider.iter_events`: pages of :meth:`list` by default."""
+        return paged_events(self, filter or EventFilter())  # type: ignore[arg-type]
+
     def store_and_publish_many(self, events: Sequence[Event], *, origin: str = "") -> None:
         raise NotImplementedError  # pragma: no cover - every provider defines it
 
     def update_status_many(self, updates: Sequence[StatusUpdate]) -> None:
         raise NotImplementedError  # pragma: no cover - every provider defines it
+
+
+def paged_events(provider: Provider, flt: EventFilter, page: int = 1000) -> Iterator[Event]:
+    """``provider.list(flt)`` in pages of ``page`` events (``limit``/``offset`` honoured)."""
+    offset = flt.offset
+    remaining = flt.limit or None
+    while True:
+        size = page if remaining is None else min(page, remaining)
+        if size <= 0:
+            return
+        batch = provider.list(dataclasses.replace(flt, limit=size, offset=offset))
+        yield from batch
+        if len(batch) < size:
+            return
+        offset += len(batch)
+        if remaining is not None:
+            remaining -= len(batch)
 
 
 #: How many ids of its own events an adapted provider remembers to skip their echo.
@@ -399,6 +428,9 @@ class _SectionFourAdapter:
     def update_status_many(self, updates: Sequence[StatusUpdate]) -> None:
         for u in updates:
             self._inner.update_status(u.event_id, u.status, u.error, retry_count=u.retry_count)
+
+    def iter_events(self, filter: EventFilter | None = None) -> Iterator[Event]:
+        return paged_events(self._inner, filter or EventFilter())
 
     def stream(self, pattern: str, *, exclude_origin: str = "") -> EventStream:
         inner = self._inner.stream(pattern)

@@ -342,6 +342,21 @@ class ProviderConformance:
         """An empty filter lists everything, oldest ``created_at`` first."""
         assert [e.id for e in provider.list(EventFilter())] == [e.id for e in stored]
 
+    def test_iter_events__what_list_returns_across_pages(self, provider: BusProvider) -> None:
+        """``iter_events`` (what ``Broker.replay`` reads) yields exactly what ``list`` returns,
+        in its order, across more than one page, also when events share one ``created_at``
+        (a captured flush) and with ``limit``/``offset``."""
+        same = dt.datetime(2024, 1, 1, tzinfo=UTC)
+        events = [_event("a.b.c", {"i": i}) for i in range(1_205)]
+        for e in events:
+            e.created_at = same
+        provider.store_and_publish_many(events)
+        listed = [e.id for e in provider.list(EventFilter())]
+        assert len(listed) == 1_205
+        assert [e.id for e in provider.iter_events(EventFilter())] == listed
+        window = EventFilter(offset=3, limit=1_100)
+        assert [e.id for e in provider.iter_events(window)] == listed[3:1_103]
+
     def test_list__oldest_first_even_when_stored_out_of_order(self, provider: BusProvider) -> None:
         """Order is by ``created_at``, not by the order of ``store`` calls."""
         base = dt.datetime(2024, 1, 1, tzinfo=UTC)
