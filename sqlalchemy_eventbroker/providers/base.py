@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol, Self, runtime_checkable
 
 from .._types import JSON
-from ..errors import ProviderError
 from ..event import Event, EventSource, EventStatus
 from ..pattern import compile_pattern, validate_pattern
 
@@ -538,8 +537,3 @@ class QueueEventStream(Closeable):
         self._queue.put(_CLOSED)
         if self._on_close is not None:
             self._on_close(self)
-
-
-def provider_error(backend: str, address: str, exc: BaseException) -> ProviderError:
-    """The one message shape for driver failures: ``redis at redis://...: <what>``."""
-    return ProviderError(f"{backend} at {address}: {exc}")
