@@ -63,7 +63,7 @@ __all__ = [
 ]
 
 #: The newest migration in ``migrations/versions``; ``create_schema()`` stamps it.
-HEAD_REVISION = "0003_key"
+HEAD_REVISION = "0004_inbox"
 
 #: The columns that hold an ``Event``'s fields, in ``Event`` field order.
 EVENT_COLUMNS = (
