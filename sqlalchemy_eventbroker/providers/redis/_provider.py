@@ -49,23 +49,36 @@ def _iso(t: dt.datetime | None) -> str:
 
 
 def _event_from_hash(h: dict[str, str]) -> Event:
-    """The event a stored hash holds.
+    """The event a stored hash holds: its JSON, with the status fields the hash has.
+
+    A new event's hash holds only ``json`` and ``status`` (and ``processed_at`` when set);
+    ``update_status`` adds the fields it changes. Each status field present in the hash
+    wins over the JSON's. Hashes of the earlier layout hold every field, so they read as
+    before.
 
     Raises:
         EventValidationError: the hash is corrupt (not JSON, a field malformed).
     """
     try:
         d = loads(h["json"])
-        retry_count = int(h.get("retry_count") or 0)
+        retry = h.get("retry_count")
+        retry_count = int(retry or 0) if retry is not None else None
     except (KeyError, ValueError, TypeError, RecursionError) as exc:
         raise EventValidationError(f"stored event: unreadable ({type(exc).__name__})") from None
     if not isinstance(d, dict):
         raise EventValidationError("stored event: JSON is not an object")
-    d["status"] = h.get("status") or d.get("status")
-    d["retry_count"] = retry_count
-    d["error"] = h.get("error") or ""
-    d["processed_at"] = h.get("processed_at") or None
-    d["completed_at"] = h.get("completed_at") or None
+    status = h.get("status")
+    if status:
+        d["status"] = status
+    if retry_count is not None:
+        d["retry_count"] = retry_count
+    error = h.get("error")
+    if error is not None:
+        d["error"] = error
+    for field in ("processed_at", "completed_at"):
+        value = h.get(field)
+        if value is not None:
+            d[field] = value or None
     return Event.from_dict(d)
 
 
@@ -175,29 +188,28 @@ class RedisProvider(RemoteProvider[_FanoutStream]):
     # -- store ---------------------------------------------------------------------------------
 
     def _write(self, events: Sequence[Event], *, publish: bool, origin: str = "") -> None:
-        """Store ``events`` (and ``XADD`` them when ``publish``): one ``_WRITE`` call per
-        ``batch_size`` events, pipelined when several, so one round trip in all."""
+        """Store ``events`` (and ``XADD`` them when ``publish``): one ``WRITE`` call per
+        ``batch_size`` events, pipelined when several, so one round trip in all. Six
+        arguments per event and no per-event key: packing them is the client's main cost."""
         self._check_open()
         if not events:
             return
         head: list[Any] = [self.max_events, self._event_prefix, self.maxlen, origin,
                            1 if publish else 0]
-        prefix = self._event_prefix
+        keys = [self._index_key, self._counts_key, self.stream_name]
         calls = []
         for i in range(0, len(events), self.batch_size):
-            keys = [self._index_key, self._counts_key, self.stream_name]
             args = list(head)
             for e in events[i:i + self.batch_size]:  # a snapshot: later changes are not seen
-                keys.append(prefix + e.id)
-                args += (e.id, _micros(e.created_at), e.to_json(), str(e.status), e.retry_count,
-                         e.error, _iso(e.processed_at), _iso(e.completed_at), e.type)
-            calls.append((keys, args))
+                args += (e.id, _micros(e.created_at), e.type, str(e.status),
+                         _iso(e.processed_at), e.to_json())
+            calls.append(args)
         with self._translate_errors():
             if len(calls) == 1:
-                self._write_script(keys=calls[0][0], args=calls[0][1])
+                self._write_script(keys=keys, args=calls[0])
             else:
                 pipe = self._client.pipeline(transaction=False)
-                for keys, args in calls:
+                for args in calls:
                     self._write_script(keys=keys, args=args, client=pipe)
                 pipe.execute()
         if publish:
@@ -263,27 +275,27 @@ class RedisProvider(RemoteProvider[_FanoutStream]):
 
     def update_status_many(self, updates: Sequence[StatusUpdate]) -> None:
         """Apply ``updates`` in order (same semantics as ``update_status`` each) in one round
-        trip: one script call per 500 updates, pipelined."""
+        trip: one script call per 500 updates, pipelined. Nothing is read by the client
+        first; inside the script each update is one ``HMGET`` (the old status, for the exact
+        counters and to skip unknown ids) and one ``HSET`` of the changed fields."""
         self._check_open()
         if not updates:
             return
         now = dt.datetime.now(dt.UTC).isoformat()
-        prefix = self._event_prefix
+        keys = [self._counts_key]
         calls = []
         for i in range(0, len(updates), _UPDATES_PER_CALL):
-            keys = [self._counts_key]
-            args: list[Any] = [now]
+            args: list[Any] = [now, self._event_prefix]
             for u in updates[i:i + _UPDATES_PER_CALL]:
-                keys.append(prefix + u.event_id)
-                args += (str(EventStatus(u.status)), u.error,
+                args += (u.event_id, str(EventStatus(u.status)), u.error,
                          "" if u.retry_count is None else int(u.retry_count))
-            calls.append((keys, args))
+            calls.append(args)
         with self._translate_errors():
             if len(calls) == 1:
-                self._update_script(keys=calls[0][0], args=calls[0][1])
+                self._update_script(keys=keys, args=calls[0])
                 return
             pipe = self._client.pipeline(transaction=False)
-            for keys, args in calls:
+            for args in calls:
                 self._update_script(keys=keys, args=args, client=pipe)
             pipe.execute()
 

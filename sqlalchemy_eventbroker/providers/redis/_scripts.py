@@ -3,94 +3,131 @@
 Key names are those of the package docstring (``S`` = ``stream_name``): ``S`` the stream,
 ``S:ev:<id>`` an event's hash, ``S:index`` the ids by ``created_at``, ``S:counts`` the
 per-status counters, which the scripts keep exact.
+
+The scripts build the event-hash keys from a prefix argument instead of taking them as
+``KEYS``: the client then sends each id once instead of id and key, and packing arguments
+is most of the client's cost. This is why the provider supports single nodes and
+replicated primaries, not Redis Cluster.
+
+Commands per event are the point of this module (issue 12): a write costs ``ZADD`` +
+``HSET`` + ``XADD`` per event, and one ``HINCRBY`` per status and one ``ZCARD`` per call; a
+status write costs ``HMGET`` + ``HSET`` per update and one ``HINCRBY`` per status touched
+per call. The counters are updated once per call from a Lua table of deltas, not once per
+event.
 """
 
 from __future__ import annotations
 
-__all__ = ["DELETE", "RENEW", "RETIRE", "UPDATE", "WRITE", "WRITE_FIELDS"]
-
-#: Script arguments per event of :data:`WRITE`.
-WRITE_FIELDS = 9
+__all__ = ["DELETE", "RENEW", "RETIRE", "UPDATE", "WRITE"]
 
 # Store events and, when asked, append them to the stream: one round trip for both.
-# KEYS: index, counts, stream, then one event hash per event.
-# ARGV: max_events, key prefix, maxlen (0 = no trimming), origin ('' = none), publish (1/0),
-#   then 9 per event: id, score, json, status, retry_count, error, processed_at,
-#   completed_at, type.
-# Every store lands before any XADD of the call, so a reader never sees an event unstored,
-# and the JSON travels once for both.
+# KEYS: index, counts, stream.
+# ARGV: max_events, event-key prefix, maxlen (0 = no trimming), origin ('' = none),
+#   publish (1/0), then 6 per event: id, score, type, status, processed_at ('' = unset), json.
+# The hash holds the JSON and the status (the counters need the old status when an id is
+# stored again); the other status fields live only in the JSON until update_status writes
+# them, and a reader prefers a hash field over the JSON's value. ZADD answering 0 is how a
+# second store of an id is noticed without reading first: only then is the old hash read
+# and cleared. Every store lands before any XADD of the call, so a reader never sees an
+# event unstored, and the JSON travels once for both.
 WRITE = """
-local n = #KEYS - 3
-for i = 0, n - 1 do
-  local key = KEYS[4 + i]
-  local a = 6 + i * 9
-  local old = redis.call('HGET', key, 'status')
-  if old then redis.call('HINCRBY', KEYS[2], old, -1) end
-  redis.call('HSET', key, 'json', ARGV[a + 2], 'status', ARGV[a + 3], 'retry_count', ARGV[a + 4],
-             'error', ARGV[a + 5], 'processed_at', ARGV[a + 6], 'completed_at', ARGV[a + 7])
-  redis.call('HINCRBY', KEYS[2], ARGV[a + 3], 1)
-  redis.call('ZADD', KEYS[1], ARGV[a + 1], ARGV[a])
+local idx, counts, stream, prefix = KEYS[1], KEYS[2], KEYS[3], ARGV[2]
+local delta = {}
+local n = 0
+for a = 6, #ARGV, 6 do
+  local id, status, processed = ARGV[a], ARGV[a + 3], ARGV[a + 4]
+  local key = prefix .. id
+  n = n + 1
+  if redis.call('ZADD', idx, ARGV[a + 1], id) == 0 then
+    local old = redis.call('HGET', key, 'status')
+    if old then delta[old] = (delta[old] or 0) - 1 end
+    redis.call('DEL', key)
+  end
+  if processed ~= '' then
+    redis.call('HSET', key, 'json', ARGV[a + 5], 'status', status, 'processed_at', processed)
+  else
+    redis.call('HSET', key, 'json', ARGV[a + 5], 'status', status)
+  end
+  delta[status] = (delta[status] or 0) + 1
 end
 local max = tonumber(ARGV[1])
 if n > 0 and max > 0 then
-  local excess = redis.call('ZCARD', KEYS[1]) - max
+  local excess = redis.call('ZCARD', idx) - max
   if excess > 0 then
-    local ids = redis.call('ZRANGE', KEYS[1], 0, excess - 1)
+    local ids = redis.call('ZRANGE', idx, 0, excess - 1)
     for _, id in ipairs(ids) do
-      local key = ARGV[2] .. id
+      local key = prefix .. id
       local st = redis.call('HGET', key, 'status')
-      if st then redis.call('HINCRBY', KEYS[2], st, -1) end
+      if st then delta[st] = (delta[st] or 0) - 1 end
       redis.call('DEL', key)
     end
-    redis.call('ZREMRANGEBYRANK', KEYS[1], 0, excess - 1)
+    redis.call('ZREMRANGEBYRANK', idx, 0, excess - 1)
   end
+end
+for st, d in pairs(delta) do
+  if d ~= 0 then redis.call('HINCRBY', counts, st, d) end
 end
 if ARGV[5] == '1' then
   local maxlen = tonumber(ARGV[3])
   local origin = ARGV[4]
-  for i = 0, n - 1 do
-    local a = 6 + i * 9
-    local t, json = ARGV[a + 8], ARGV[a + 2]
+  for a = 6, #ARGV, 6 do
+    local t, json = ARGV[a + 2], ARGV[a + 5]
     if maxlen > 0 then
       if origin ~= '' then
-        redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen, '*', 't', t, 'e', json, 'o', origin)
+        redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 't', t, 'e', json, 'o', origin)
       else
-        redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen, '*', 't', t, 'e', json)
+        redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 't', t, 'e', json)
       end
     elseif origin ~= '' then
-      redis.call('XADD', KEYS[3], '*', 't', t, 'e', json, 'o', origin)
+      redis.call('XADD', stream, '*', 't', t, 'e', json, 'o', origin)
     else
-      redis.call('XADD', KEYS[3], '*', 't', t, 'e', json)
+      redis.call('XADD', stream, '*', 't', t, 'e', json)
     end
   end
 end
 return n
 """
 
-# KEYS: counts, then one event hash per update; ARGV: now (ISO-8601), then 3 per update:
-# status, error, retry_count ('' = keep). Unknown events are skipped.
+# Status changes, in order. KEYS: counts. ARGV: now (ISO-8601), event-key prefix, then 4 per
+# update: id, status, error, retry_count ('' = keep). Unknown events are skipped.
+# One HMGET per update (the old status, which the counters need, and whether processed_at
+# was ever set), then one HSET of only the changed fields: the JSON is never re-encoded.
 UPDATE = """
-local now = ARGV[1]
-for i = 2, #KEYS do
-  local key = KEYS[i]
-  local a = 2 + (i - 2) * 3
-  local status = ARGV[a]
-  local old = redis.call('HGET', key, 'status')
+local counts, now, prefix = KEYS[1], ARGV[1], ARGV[2]
+local delta = {}
+local done = 0
+for a = 3, #ARGV, 4 do
+  local key = prefix .. ARGV[a]
+  local status = ARGV[a + 1]
+  local cur = redis.call('HMGET', key, 'status', 'processed_at')
+  local old = cur[1]
   if old then
-    redis.call('HINCRBY', KEYS[1], old, -1)
-    redis.call('HINCRBY', KEYS[1], status, 1)
-    redis.call('HSET', key, 'status', status, 'error', ARGV[a + 1])
-    if ARGV[a + 2] ~= '' then redis.call('HSET', key, 'retry_count', ARGV[a + 2]) end
-    if status == 'processing' then
-      redis.call('HSET', key, 'processed_at', now)
-    elseif status == 'completed' or status == 'failed' then
-      redis.call('HSET', key, 'completed_at', now)
-      local p = redis.call('HGET', key, 'processed_at')
-      if not p or p == '' then redis.call('HSET', key, 'processed_at', now) end
+    done = done + 1
+    delta[old] = (delta[old] or 0) - 1
+    delta[status] = (delta[status] or 0) + 1
+    local f = {'status', status, 'error', ARGV[a + 2]}
+    if ARGV[a + 3] ~= '' then
+      f[#f + 1] = 'retry_count'
+      f[#f + 1] = ARGV[a + 3]
     end
+    if status == 'processing' then
+      f[#f + 1] = 'processed_at'
+      f[#f + 1] = now
+    elseif status == 'completed' or status == 'failed' then
+      f[#f + 1] = 'completed_at'
+      f[#f + 1] = now
+      if not cur[2] or cur[2] == '' then
+        f[#f + 1] = 'processed_at'
+        f[#f + 1] = now
+      end
+    end
+    redis.call('HSET', key, unpack(f))
   end
 end
-return #KEYS - 1
+for st, d in pairs(delta) do
+  if d ~= 0 then redis.call('HINCRBY', counts, st, d) end
+end
+return done
 """
 
 # KEYS: event hash, index, counts; ARGV: id
