@@ -62,6 +62,7 @@ if TYPE_CHECKING:
     from .default import stats as stats
     from .default import subscribe as subscribe
     from .default import unsubscribe as unsubscribe
+    from .inbox import Inbox as Inbox
     from .providers.database import DatabaseProvider as DatabaseProvider
     from .providers.nats import NatsProvider as NatsProvider
     from .providers.redis import RedisProvider as RedisProvider
@@ -91,6 +92,7 @@ _LAZY = {
     "stats": ".default",
     "subscribe": ".default",
     "unsubscribe": ".default",
+    "Inbox": ".inbox",
 }
 _EXTRAS = {
     ".providers.database": "postgres",
@@ -121,7 +123,7 @@ def __getattr__(name: str) -> Any:
 __all__ = sorted([
     "Broker", "BrokerError", "BrokerStats", "BrokerStopped", "ConfigError", "CRUDHookConfig",
     "DatabaseProvider", "Event", "EventBrokerConfig", "EventFilter", "EventSource",
-    "EventStatus", "EventStream", "EventValidationError", "HandlerError", "MemoryProvider",
+    "EventStatus", "EventStream", "EventValidationError", "HandlerError", "Inbox", "MemoryProvider",
     "NatsProvider", "PatternError", "PayloadError", "ProcessingMode", "Provider",
     "ProviderError", "ProviderStats", "PublishDepthExceeded", "QueueFull", "RedisProvider", "RetryPolicy",
     "SubscriptionID", "SubscriptionNotFound", "compile_pattern", "event_context", "event_type",
