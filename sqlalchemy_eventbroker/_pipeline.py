@@ -33,6 +33,7 @@ from .event import Event, EventStatus
 from .metrics import BrokerMetrics
 from .providers.base import BusProvider, Delivery, GroupStream, StatusUpdate, TransactionalProvider
 from .retry import RetryPolicy
+from .tracing import start_process, start_publish
 
 __all__ = ["Job", "Pipeline", "Subscription", "Way"]
 
@@ -76,9 +77,12 @@ class Way:
     admission: Admission
     #: Counted in ``total_published`` and the published metric.
     counted: bool
+    #: Starts a ``publish`` span per event (tracing.py); captured events got theirs at flush.
+    traced: bool = False
 
 
-PUBLISHED = Way(store=True, announce=False, admission=Admission.REFUSE, counted=True)
+PUBLISHED = Way(store=True, announce=False, admission=Admission.REFUSE, counted=True,
+                traced=True)
 CAPTURED = Way(store=True, announce=False, admission=Admission.OVERFLOW, counted=True)
 WRITTEN = Way(store=False, announce=True, admission=Admission.OVERFLOW, counted=True)
 RECEIVED = Way(store=False, announce=False, admission=Admission.WAIT, counted=False)
@@ -253,7 +257,11 @@ class Pipeline:
         processed, as an event no handler matched is not an error).
         """
         if way.store:
-            self.provider.store_and_publish_many(events, origin=self.origin)
+            if way.traced and start_publish is not None:
+                with start_publish(events):  # before storing: the stored event has its context
+                    self.provider.store_and_publish_many(events, origin=self.origin)
+            else:
+                self.provider.store_and_publish_many(events, origin=self.origin)
         elif way.announce and self.outbox is not None:
             self.outbox.announce_committed(events)
         counted = way.counted
@@ -327,14 +335,19 @@ class Pipeline:
         return self._conclude(job) if done else None
 
     def _call(self, sub: Subscription, event: Event) -> BaseException | None:
-        """The one place a handler is called: with its own copy of the event."""
+        """The one place a handler is called: with its own copy of the event, in a
+        ``process`` span when tracing is configured (tracing.py)."""
+        span = None if start_process is None else start_process(event, sub.group)
         try:
             result = sub.handler(event.clone())
             if result is not None and inspect.isawaitable(result):
                 self.runner.run(result)
-            return None
+            failure = None
         except BaseException as exc:  # KeyboardInterrupt too: the event must still end
-            return exc
+            failure = exc
+        if span is not None:
+            span.end(failure)
+        return failure
 
     def _attempt(self, job: Job, sub: Subscription, exc: BaseException) -> float | None:
         """The retry state machine: after a failed call, the delay before the next attempt,

@@ -14,6 +14,7 @@ from sqlalchemy.sql.schema import Table
 
 from .._types import JSON
 from ..event import Event, EventSource, EventStatus, uuid7
+from ..tracing import mark_captured
 from ._columns import REDACTED
 from ._targets import Target
 
@@ -116,6 +117,9 @@ class Capture:
              created_at: dt.datetime | None = None) -> Event | None:
         """Build the event of one row and check it, once, before it goes anywhere.
 
+        With tracing configured, its ``publish`` span starts and ends here, so its metadata
+        carries the context current now (the request's), also into an outbox.
+
         Returns ``None`` for an event ``Event.validate`` refuses (a string holding U+0000,
         say): it is dropped alone, logged by type and id with the error's message (which
         names the path, never the data) and counted; the others of its flush go on.
@@ -138,6 +142,8 @@ class Capture:
         except Exception as exc:  # noqa: BLE001 - one bad event never takes the others
             self.refuse(event, exc, broker)
             return None
+        if mark_captured is not None:  # its publish span, in the context current at flush
+            mark_captured(event)
         return event
 
     def refuse(self, event: Event, exc: BaseException, broker: Broker | None) -> None:
