@@ -89,33 +89,34 @@ def test_config_check__any_file_name(tmp_path: pathlib.Path,
     assert "buffer_size: 7" in capsys.readouterr().out
 
 
-def test_config_check__bad_value_is_two(tmp_path: pathlib.Path,
+def test_config_check__bad_value_is_one(tmp_path: pathlib.Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
-    """A wrong value prints the ConfigError naming its path and returns 2."""
+    """A file that fails to load is a failed command (API.md section 10): status 1, one line
+    naming the file and the ConfigError's path."""
     path = tmp_path / "eb.yaml"
     path.write_text("event_broker:\n  worker_count: ten\n")
-    assert main(["config", "check", str(path)]) == 2
+    assert main(["config", "check", str(path)]) == 1
     captured = capsys.readouterr()
     assert captured.err.strip() == (
-        "error: event_broker.worker_count: expected int >= 1, got 'ten'")
+        f"error: {path}: event_broker.worker_count: expected int >= 1, got 'ten'")
     assert captured.out == ""
 
 
-def test_config_check__unset_variable_is_two(tmp_path: pathlib.Path,
+def test_config_check__unset_variable_is_one(tmp_path: pathlib.Path,
                                              monkeypatch: pytest.MonkeyPatch,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     """An unset ${VAR} is reported with the variable's name."""
     monkeypatch.delenv("EB_CLI_TEST_UNSET", raising=False)
     path = tmp_path / "eb.yaml"
     path.write_text("instance_id: ${EB_CLI_TEST_UNSET}\n")
-    assert main(["config", "check", str(path)]) == 2
+    assert main(["config", "check", str(path)]) == 1
     assert "EB_CLI_TEST_UNSET" in capsys.readouterr().err
 
 
-def test_config_check__missing_file_is_two(tmp_path: pathlib.Path,
+def test_config_check__missing_file_is_one(tmp_path: pathlib.Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
-    """A file that does not exist is reported, status 2."""
-    assert main(["config", "check", str(tmp_path / "none.yaml")]) == 2
+    """A file that does not exist is reported, status 1."""
+    assert main(["config", "check", str(tmp_path / "none.yaml")]) == 1
     assert "does not exist" in capsys.readouterr().err
 
 

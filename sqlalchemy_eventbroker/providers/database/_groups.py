@@ -152,7 +152,9 @@ class GroupStore:
     def claim(self, stream: DbGroupStream, n: int, acks: list[int]) -> list[DbDelivery]:
         """Write ``acks`` and lease up to ``n`` of the group's oldest free (or expired) claims,
         with their events, in one transaction (PostgreSQL: one statement)."""
-        token = uuid.uuid4().hex
+        # The token's first half names the member (``groups list`` counts members by it), the
+        # second half this claim.
+        token = stream.member + uuid.uuid4().hex[:16]
         claimed_at = time.monotonic()
         with self._db.one_statement() as conn:
             rows = self._sql.claim(conn, stream.group_id, acks, n, stream.lease, token)
@@ -273,6 +275,8 @@ class DbGroupStream(Closeable):
         self.lease = lease
         self.prefetch = max(1, int(prefetch))
         self.wants = compile_pattern(pattern)
+        #: 16 hex digits naming this member in its claims' tokens (see GroupStore.claim).
+        self.member = uuid.uuid4().hex[:16]
         self._waker = waker
         self._provider_closed = provider_closed
         self._closed = threading.Event()
