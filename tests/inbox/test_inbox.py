@@ -220,4 +220,4 @@ def test_arguments__refused_with_clear_errors(session_factory: sessionmaker[Sess
         with pytest.raises(ConfigError, match="older_than"):
             box.purge(bad)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="acreate_schema"):
-        box.create_schema.__self__ and Inbox(async_sessionmaker(), consumer="c").create_schema()
+        Inbox(async_sessionmaker(), consumer="c").create_schema()

@@ -78,3 +78,23 @@ def test_cli__migrate_downgrade_removes_the_inbox(engine: sa.Engine, db_url: str
     for action in ("upgrade", "downgrade"):
         assert main(["migrate", action, "--url", db_url]) == 0
         assert ("eventbroker_inbox" in _tables(engine)) == (action == "upgrade")
+
+
+def test_upgrade__inbox_table_equals_the_model(engine: sa.Engine, db_url: str) -> None:
+    """The migrated inbox table equals ``Inbox``'s own definition (``create_schema``): Alembic's
+    comparison finds nothing, for the default name and a ``table_name`` one."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from sqlalchemy_eventbroker.inbox import build_inbox_table
+
+    upgrade(db_url)
+    upgrade(db_url, table_name="audit")
+    for name in ("eventbroker_inbox", "audit_inbox"):
+        md = sa.MetaData()
+        build_inbox_table(name, md)
+        with engine.connect() as conn:
+            ctx = MigrationContext.configure(conn, opts={
+                "compare_type": True, "compare_server_default": True,
+                "include_name": lambda n, kind, p, name=name: kind != "table" or n == name})
+            assert list(compare_metadata(ctx, md)) == []
