@@ -4,11 +4,20 @@ The same pre-built events go to one handler that counts them. Library side: a ``
 ``MemoryProvider`` with metrics on (a private Prometheus registry); async with 4 workers,
 waiting until the handler has seen every event. ``QueueFull`` is the caller's signal to back
 off, so the publishing loop yields briefly and retries (what an application would do).
+
+Tracing rows: the same ``publish_sync`` loop in fresh interpreters, with OpenTelemetry made
+unimportable (``sys.modules["opentelemetry"] = None``: the ``[otel]`` extra not installed),
+installed without a tracer provider, and with an SDK provider (spans recorded, no exporter).
+"Not installed" is held to the ``publish_sync`` figure above (tracing costs nothing without
+the extra); "no provider" to "not installed".
 """
 
 from __future__ import annotations
 
 import gc
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -18,11 +27,25 @@ from prometheus_client import CollectorRegistry
 
 from sqlalchemy_eventbroker import Broker, Event, EventSource, MemoryProvider, QueueFull, new_event
 
-from ._report import Row, median, profile_call, rate, ratio_row
+from ._report import INFO, Row, median, profile_call, rate, ratio_row
 
 SECTION = "2. in-process dispatch (events/s)"
 TARGET_SYNC = 0.2
 TARGET_ASYNC = 0.12
+#: OpenTelemetry not installed vs the in-process publish_sync (fresh interpreter vs the bench's:
+#: the bound leaves room for that and for noise; the hooks cost two ``is None`` tests).
+TARGET_TRACING_ABSENT = 0.9
+#: Installed, no tracer provider, vs not installed: one module-global check per hook.
+TARGET_TRACING_UNCONFIGURED = 0.85
+
+#: Set-up run before ``sync_rate`` in a fresh interpreter, per tracing mode.
+TRACING_MODES = {
+    "absent": "import sys; sys.modules['opentelemetry'] = None",
+    "unconfigured": "",
+    "configured": ("from opentelemetry import trace; "
+                   "from opentelemetry.sdk.trace import TracerProvider; "
+                   "trace.set_tracer_provider(TracerProvider())"),
+}
 
 
 def _events(n: int) -> list[Event]:
@@ -108,6 +131,46 @@ def async_rate(events: list[Event]) -> float:
     return n / elapsed
 
 
+def tracing_rate(mode: str, n: int) -> float:
+    """``sync_rate`` of ``n`` events in a fresh interpreter set up as ``TRACING_MODES[mode]``."""
+    code = (f"{TRACING_MODES[mode]}\nfrom bench.dispatch import _events, sync_rate\n"
+            f"print(sync_rate(_events({n})))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600, check=False)
+    if proc.returncode != 0:
+        if mode == "configured" and "No module named 'opentelemetry" in proc.stderr:
+            return float("nan")  # the SDK is not installed: that row reads "no valid measurement"
+        raise RuntimeError(f"tracing bench ({mode}) failed: {proc.stderr.strip()[-500:]}")
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def tracing_rows(n: int, runs: int, baseline: float) -> list[Row]:
+    """publish_sync with tracing absent, unconfigured and configured (modes interleaved per
+    run, so drift on a busy machine spreads over all three)."""
+    rates: dict[str, list[float]] = {mode: [] for mode in TRACING_MODES}
+    for _ in range(runs):
+        for mode in TRACING_MODES:
+            rates[mode].append(tracing_rate(mode, n))
+    absent = median(rates["absent"])
+    configured = ratio_row(SECTION, f"publish_sync, {n:,} events, tracing on (SDK provider, "
+                           "no exporter) vs OpenTelemetry not installed",
+                           median(rates["configured"]), absent, rate,
+                           note="what a recorded span pair costs per event")
+    configured.status = INFO if configured.ratio != "–" else configured.status
+    return [
+        ratio_row(SECTION, f"publish_sync, {n:,} events, OpenTelemetry not installed "
+                  "(fresh interpreter) vs publish_sync above", absent, baseline, rate,
+                  at_least=TARGET_TRACING_ABSENT),
+        ratio_row(SECTION, f"publish_sync, {n:,} events, OpenTelemetry installed, no tracer "
+                  "provider vs not installed", median(rates["unconfigured"]), absent, rate,
+                  at_least=TARGET_TRACING_UNCONFIGURED),
+        configured,
+    ]
+
+
 def run(quick: bool, runs: int, profile_failures: Callable[[list[Row]], None]) -> list[Row]:
     n = 20_000 if quick else 200_000
     raw: list[float] = []
@@ -128,7 +191,7 @@ def run(quick: bool, runs: int, profile_failures: Callable[[list[Row]], None]) -
     small = min(n, 20_000)
     rows[0].profiler = _profiler(sync_rate, small)
     rows[1].profiler = _profiler(async_rate, small)
-    return rows
+    return rows + tracing_rows(min(n, 50_000), runs, median(sync))
 
 
 def _profiler(fn: Callable[[list[Event]], float], n: int) -> Callable[[], str]:
