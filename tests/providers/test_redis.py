@@ -164,3 +164,62 @@ def test_url_secrets__query_password_masked(redis_url: str) -> None:
     with pytest.raises(ProviderError) as info:
         RedisProvider("redis://127.0.0.1:1/0?password=S3cr3tR", connect_timeout=1)
     assert "S3cr3tR" not in str(info.value) and "password=***" in str(info.value)
+
+
+def test_hash_of_the_earlier_layout__reads_as_before(redis_url: str, unique_name: str) -> None:
+    """A hash written by the earlier layout (every status field, ``""`` for unset) and a
+    ``pending`` counter it left behind read as before: fields from the hash, stats exact."""
+    import redis
+
+    from sqlalchemy_eventbroker import EventFilter, EventStatus, new_event
+
+    stream = f"test:{unique_name}"
+    with RedisProvider(redis_url, stream_name=stream) as p:
+        try:
+            e = new_event("database", "public.t.create", {"i": 1})
+            raw = redis.Redis.from_url(redis_url, decode_responses=True)
+            raw.hset(f"{stream}:ev:{e.id}", mapping={
+                "json": e.to_json(), "status": "failed", "retry_count": "2",
+                "error": "boom", "processed_at": "2026-01-01T00:00:00+00:00",
+                "completed_at": ""})
+            raw.zadd(f"{stream}:index", {e.id: 1})
+            raw.hset(f"{stream}:counts", mapping={"failed": 1, "pending": 7})
+            raw.close()
+            got = p.get(e.id)
+            assert got is not None
+            assert (got.status, got.retry_count, got.error) == (EventStatus.FAILED, 2, "boom")
+            assert got.processed_at is not None and got.completed_at is None
+            assert [x.id for x in p.list(EventFilter(status=EventStatus.FAILED))] == [e.id]
+            st = p.stats()
+            assert (st.total_events, st.failed_events, st.pending_events) == (1, 1, 0)
+        finally:
+            p.drop()
+
+
+def test_store_again__replaces_the_event_and_keeps_counts_exact(
+        redis_url: str, unique_name: str) -> None:
+    """Storing an id a second time replaces the stored event (status fields written by
+    ``update_status`` included) and moves it between the counters."""
+    from sqlalchemy_eventbroker import EventStatus, new_event
+
+    with RedisProvider(redis_url, stream_name=f"test:{unique_name}") as p:
+        try:
+            e = new_event("database", "public.t.create")
+            p.store(e)
+            p.update_status(e.id, EventStatus.FAILED, "boom", retry_count=4)
+            assert p.stats().failed_events == 1
+            again = e.clone()
+            again.status, again.error, again.retry_count = EventStatus.PENDING, "", 0
+            p.store_and_publish_many([again, new_event("database", "public.t.create")])
+            got = p.get(e.id)
+            assert got is not None
+            assert (got.status, got.error, got.retry_count) == (EventStatus.PENDING, "", 0)
+            assert got.completed_at is None
+            st = p.stats()
+            assert (st.total_events, st.pending_events, st.failed_events) == (2, 2, 0)
+            p.update_status(e.id, EventStatus.COMPLETED)
+            p.delete(e.id)
+            st = p.stats()
+            assert (st.total_events, st.pending_events, st.completed_events) == (1, 1, 0)
+        finally:
+            p.drop()

@@ -398,7 +398,9 @@ class RedisProvider(RemoteProvider[_FanoutStream]):
     def stats(self) -> ProviderStats:
         self._check_open()
         with self._translate_errors():
-            pipe = self._client.pipeline(transaction=False)
+            # MULTI/EXEC: the size and the counters from one instant, since pending is
+            # their difference (see _scripts).
+            pipe = self._client.pipeline(transaction=True)
             pipe.zcard(self._index_key)
             pipe.hgetall(self._counts_key)
             pipe.xinfo_stream(self.stream_name)
@@ -418,7 +420,10 @@ class RedisProvider(RemoteProvider[_FanoutStream]):
                 for g in groups
                 if str(g.get("name", "")).startswith(self.consumer_group + ":")
             }
-        return self._stats(total, counts if isinstance(counts, dict) else {}, specific)
+        done = {st: int((counts or {}).get(st) or 0) if isinstance(counts, dict) else 0
+                for st in ("processing", "completed", "failed")}
+        pending = max(0, int(total) - sum(done.values()))
+        return self._stats(total, {"pending": pending, **done}, specific)
 
     def drop(self) -> None:
         """Delete every key this provider uses (stream, groups, stored events). For tests."""

@@ -2,18 +2,21 @@
 
 Key names are those of the package docstring (``S`` = ``stream_name``): ``S`` the stream,
 ``S:ev:<id>`` an event's hash, ``S:index`` the ids by ``created_at``, ``S:counts`` the
-per-status counters, which the scripts keep exact.
+counters of the statuses other than ``pending``, which the scripts keep exact (``pending``
+is the index's size minus the others, so storing a new pending event, the common write,
+touches no counter). A ``pending`` field left in ``S:counts`` by an earlier version is
+ignored.
 
 The scripts build the event-hash keys from a prefix argument instead of taking them as
 ``KEYS``: the client then sends each id once instead of id and key, and packing arguments
 is most of the client's cost. This is why the provider supports single nodes and
 replicated primaries, not Redis Cluster.
 
-Commands per event are the point of this module (issue 12): a write costs ``ZADD`` +
-``HSET`` + ``XADD`` per event, and one ``HINCRBY`` per status and one ``ZCARD`` per call; a
-status write costs ``HMGET`` + ``HSET`` per update and one ``HINCRBY`` per status touched
-per call. The counters are updated once per call from a Lua table of deltas, not once per
-event.
+Commands per event are the point of this module (issue 12): a write of new pending events
+costs ``ZADD`` + ``HSET`` + ``XADD`` per event and one ``ZCARD`` per call (the
+``max_events`` check); a status write costs ``HMGET`` + ``HSET`` per update and one
+``HINCRBY`` per status touched per call. The counters are updated once per call from a Lua
+table of deltas, not once per event.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ if n > 0 and max > 0 then
   end
 end
 for st, d in pairs(delta) do
-  if d ~= 0 then redis.call('HINCRBY', counts, st, d) end
+  if d ~= 0 and st ~= 'pending' then redis.call('HINCRBY', counts, st, d) end
 end
 if ARGV[5] == '1' then
   local maxlen = tonumber(ARGV[3])
@@ -125,7 +128,7 @@ for a = 3, #ARGV, 4 do
   end
 end
 for st, d in pairs(delta) do
-  if d ~= 0 then redis.call('HINCRBY', counts, st, d) end
+  if d ~= 0 and st ~= 'pending' then redis.call('HINCRBY', counts, st, d) end
 end
 return done
 """
@@ -133,7 +136,7 @@ return done
 # KEYS: event hash, index, counts; ARGV: id
 DELETE = """
 local old = redis.call('HGET', KEYS[1], 'status')
-if old then redis.call('HINCRBY', KEYS[3], old, -1) end
+if old and old ~= 'pending' then redis.call('HINCRBY', KEYS[3], old, -1) end
 redis.call('DEL', KEYS[1])
 return redis.call('ZREM', KEYS[2], ARGV[1])
 """
