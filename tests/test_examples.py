@@ -60,3 +60,38 @@ def test_quickstart__runs_without_greenlet() -> None:
     proc = _run("-c", code)
     assert proc.returncode == 0, proc.stderr
     assert "main.users.create" in proc.stdout
+
+
+FASTAPI_DONE = ("worker confirmed 3 of 3 orders",
+                "the request's trace continued in the worker for 3 of 3 orders")
+
+
+def test_fastapi_app__worker_confirms_each_order_in_the_requests_trace() -> None:
+    """examples/fastapi_app.py on SQLite: the worker process mails each order once, and its
+    process spans carry the trace ids the requests returned (the SDK is a test dependency)."""
+    pytest.importorskip("fastapi")
+    proc = _run("examples/fastapi_app.py")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for expected in FASTAPI_DONE:
+        assert expected in proc.stdout, proc.stdout
+    assert "'process main.orders.create' trace=" in proc.stdout
+
+
+def test_fastapi_app__runs_on_postgresql(postgres_url: str) -> None:
+    """The same demo given a PostgreSQL URL (LISTEN/NOTIFY wakes the worker)."""
+    pytest.importorskip("fastapi")
+    proc = _run("examples/fastapi_app.py", "--url", postgres_url)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for expected in FASTAPI_DONE:
+        assert expected in proc.stdout, proc.stdout
+    assert "'process public.orders.create' trace=" in proc.stdout
+
+
+def test_inbox__each_order_invoiced_once() -> None:
+    """examples/inbox.py: a failed first attempt and a redelivery of every event still leave
+    one invoice per order."""
+    proc = _run("examples/inbox.py")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "deliveries: 7" in out and "function calls: 4" in out, out
+    assert "each order invoiced once" in out and "purged 3 inbox rows" in out, out
