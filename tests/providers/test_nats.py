@@ -122,32 +122,42 @@ def test_close__leaves_no_threads_or_connections(nats_url: str, unique_name: str
 
 def test_corrupt_stored_entry__skipped_and_logged_by_list_and_get(
         nats_url: str, unique_name: str, caplog: pytest.LogCaptureFixture) -> None:
-    """A key-value entry that is not a readable event is skipped by ``list()`` and read as
-    absent by ``get()``, logged with its id (issue 11, row 13)."""
+    """A stream message that is not a readable event is skipped by ``list()`` and read as
+    absent by ``get()``, logged with its id; an unreadable status entry is skipped, logged,
+    and the event read without it (issue 11, row 13)."""
     import asyncio
     import logging
 
     import nats as nats_client
 
-    from sqlalchemy_eventbroker import EventFilter, EventSource, new_event
+    from sqlalchemy_eventbroker import EventFilter, EventSource, EventStatus, new_event
+    from sqlalchemy_eventbroker.providers.nats._store import ID_HEADER
 
     with NatsProvider(nats_url, stream_name=f"T{unique_name}", storage="memory") as p:
         try:
             good, broken = (new_event(EventSource.SYSTEM, "a.b.c", {"i": i}) for i in range(2))
             p.store(good)
             p.store(broken)
+            p.update_status(good.id, EventStatus.COMPLETED)
 
             async def corrupt() -> None:
                 nc = await nats_client.connect(nats_url)
-                kv = await nc.jetstream().key_value(p.bucket)
-                await kv.put(broken.id, b'{"id": [], "type": 1}')
+                js = nc.jetstream()
+                await js.publish(f"{p.stored_prefix}.a.b.c", b'{"id": [], "type": 1}',
+                                 headers={ID_HEADER: broken.id})
+                kv = await js.key_value(p.bucket)
+                await kv.put(good.id, b"not json")
                 await nc.close()
 
             asyncio.run(corrupt())
             with caplog.at_level(logging.ERROR, logger="sqlalchemy_eventbroker.providers.nats"):
-                assert [e.id for e in p.list(EventFilter())] == [good.id]
+                listed = p.list(EventFilter())
+                assert [e.id for e in listed] == [good.id]
+                assert listed[0].status is EventStatus.COMPLETED
                 assert p.get(broken.id) is None
+                assert p.get(good.id).status is EventStatus.COMPLETED  # type: ignore[union-attr]
             assert broken.id in caplog.text and "unreadable" in caplog.text
+            assert f"unreadable status entry for event {good.id}" in caplog.text
         finally:
             p.drop()
 

@@ -1,41 +1,67 @@
-"""NATS JetStream provider: one stream carries events, a key-value bucket stores them.
+"""NATS JetStream provider: one stream message per event is both its transport and its store.
 
 Backend
     nats-server ≥ 2.9 with JetStream enabled. URL form ``nats://[user:password@]host:port``
     (several servers separated by commas). nats-py is asyncio-only: each provider runs one
     :class:`~._loop.LoopThread` with one connection (plus one more of each for status writes,
-    see Store), and the synchronous API waits on it.
+    see Status), and the synchronous API waits on it.
 
 Subjects and streams
     Events are published to ``<prefix>.<event type>`` in the JetStream stream ``stream_name``
-    (subjects ``<prefix>.>``, file storage by default); ``prefix`` defaults to the stream name,
-    so two providers with different stream names never see each other's events. A
-    subscription pattern becomes a subject filter evaluated by the server: ``*`` →
-    ``<prefix>.>``, a ``*`` segment → ``*``, a trailing ``**`` → ``>``. An event type that is not
-    a valid subject (whitespace, ``*``, ``>``, empty segments) cannot be published here, nor
-    one whose subject would exceed ``MAX_SUBJECT_BYTES`` (3,840 bytes), nor an event whose
-    JSON exceeds the server's ``max_payload``: each is a ``ProviderError`` raised before
-    anything is sent, so the connection stays usable (the server would drop it).
+    (file storage by default); ``prefix`` defaults to the stream name, so two providers with
+    different stream names never see each other's events. A subscription pattern becomes a
+    subject filter evaluated by the server: ``*`` → ``<prefix>.>``, a ``*`` segment → ``*``, a
+    trailing ``**`` → ``>``. An event type that is not a valid subject (whitespace, ``*``,
+    ``>``, empty segments) cannot be published here, nor one whose subject would exceed
+    ``MAX_SUBJECT_BYTES`` (3,840 bytes), nor an event whose JSON exceeds the server's
+    ``max_payload``: each is a ``ProviderError`` raised before anything is sent, so the
+    connection stays usable (the server would drop it).
 
 Store
-    A key-value bucket (``<stream_name>_store``, history 1) maps event id → event JSON. A
-    stream name with characters a bucket name cannot hold (anything but letters, digits,
-    ``_`` and ``-``) gets them replaced by ``_`` plus a short hash of the name, so that two
-    streams never share a bucket (see ``_names.bucket_name`` for the migration note).
-    ``update_status`` is a compare-and-set on the key's revision (retried on conflict);
-    ``update_status_many`` runs the updates of different events concurrently. Status writes
-    (read, then compare-and-set) go through a second connection on a second loop thread,
-    made on the first status write: a consumer writing back thousands of statuses never
-    queues its fan-out messages behind the key-value replies on one connection and loop.
-    ``store`` puts at once and waits for the ack. ``store_and_publish_many``, which the
-    broker uses for every publish, writes the puts and then the stream publishes to the
-    connection in one go and awaits all the acks together: one round trip for store +
-    publish. Put and publish go to two JetStream streams: the server receives the put
-    first, and a consumer's status write-back (after receiving and handling the event)
-    finds it stored; the call returns only when both are acknowledged.
-    ``list`` and ``stats`` read the latest value of every key (a KV watch), then filter and
-    sort oldest ``created_at`` first in Python: their cost grows with the number of stored
-    events. ``max_age`` bounds how long the stream and the bucket keep events.
+    The stream message is the store of record: ``store_and_publish_many`` (every broker
+    publish) sends one message per event, its body the event JSON, headers
+    ``Eventbroker-Id: <id>`` (and the origin, below); the acks of a batch are awaited together,
+    one round trip. ``store()`` stores without publishing: the message goes to
+    ``_eventbroker_stored.<stream_name>.<type>``, a second subject space of the same stream
+    that no fan-out stream, group or subscriber of ``<prefix>.>`` reads (a stream made by an
+    earlier version gets it added). Storing an id again adds a message; reads take the latest.
+
+    Reads scan, because JetStream 2.9 has no index by header and the id cannot be part of the
+    subject (fixed as ``<prefix>.<type>``):
+
+    * ``get(id)`` reads the *headers* (not the bodies) of the messages stored since the time
+      in the id (UUIDv7; less ``CLOCK_MARGIN``, 10 minutes, for clock differences), then
+      fetches the one message by sequence. Cost grows with the events stored since the event
+      was made; an id without a time (not UUIDv7) reads the headers of the whole stream.
+      ``delete(id)`` finds the messages the same way and deletes them.
+    * ``list(filter)`` reads the messages on the subjects its ``type_pattern`` selects (the
+      server filters), from its ``start_time`` less ``CLOCK_MARGIN`` on (server time; an
+      event is stored after it was made), and filters the other fields, sorts by
+      ``created_at`` and pages in Python. ``end_time`` and ``limit`` cannot end the read
+      early: stream order is publish order, not ``created_at`` order.
+    * ``stats()`` reads every event and its status.
+
+    ``max_age`` bounds how long the stream and the status bucket keep events.
+
+Status
+    ``update_status`` appends one small entry (status, error, retry count if given, time) to
+    the key-value bucket ``<stream_name>_status`` (key = event id, 16 entries kept per key)
+    without reading anything first; ``update_status_many`` sends them all at once and awaits
+    the acks together. Reads fold an event's entries onto it, oldest first, as
+    ``update_status`` would have applied them: an event read by ``get`` costs two more lookups
+    (its first and last entry, in flight together; more only for an event updated more than
+    once); ``list`` looks them up per event for up to 64 events, else reads the whole bucket.
+    Entries stored more than a second before the event's own message belong to an earlier copy
+    of that id and are ignored, so storing an id again resets its status. An update of an
+    unknown id leaves an entry no read shows (it expires with ``max_age``). Status writes go
+    through a second connection on a second loop thread, made on the first status write, so a
+    consumer's write-back never queues its fan-out messages behind the acks.
+
+    Migration: versions before this stored each event a second time in a key-value bucket
+    ``<stream_name>_store``; those events are not read any more (replay them from the old
+    bucket, then delete it; ``drop()`` deletes it too). A stream name with characters a
+    bucket name cannot hold gets them replaced by ``_`` plus a short hash of the name
+    (``_names.bucket_name``).
 
 Fan-out (``stream``)
     One ordered push consumer per stream, filtered by the pattern's subject, starting at new
@@ -70,9 +96,9 @@ Errors from nats-py surface as ``ProviderError("nats at <url>: ...")`` from one 
 threads.
 
 Modules
-    ``_provider`` the provider (store, publish, fan-out, stats), ``_connection`` connecting
-    and creating the stream and the bucket, ``_group`` a group member, ``_names`` subjects and
-    consumer names.
+    ``_provider`` the provider (store, publish, fan-out, stats), ``_store`` reading the store
+    (scans, status entries and their fold), ``_connection`` connecting and creating the stream
+    and the bucket, ``_group`` a group member, ``_names`` subjects and JetStream names.
 """
 
 from __future__ import annotations

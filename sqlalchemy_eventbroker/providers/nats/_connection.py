@@ -1,4 +1,4 @@
-"""Connecting to NATS and making sure the JetStream stream and the key-value bucket exist.
+"""Connecting to NATS and making sure the JetStream stream and the status bucket exist.
 
 All coroutines here run on a provider's :class:`~.._loop.LoopThread`.
 """
@@ -73,12 +73,13 @@ def _storage(storage: str) -> api.StorageType:
     return api.StorageType.FILE if storage == "file" else api.StorageType.MEMORY
 
 
-async def ensure_stream(js: Any, name: str, subject_prefix: str, *, storage: str,
+async def ensure_stream(js: Any, name: str, subjects: list[str], *, storage: str,
                         max_age: float, max_msgs: int) -> None:
-    """Create the stream ``name`` for ``<subject_prefix>.>`` unless it exists."""
+    """Create the stream ``name`` for ``subjects`` unless it exists; a stream made by an
+    earlier version (without the subjects of stored-only events) gets them added."""
     config = api.StreamConfig(
         name=name,
-        subjects=[f"{subject_prefix}.>"],
+        subjects=subjects,
         storage=_storage(storage),
         retention=api.RetentionPolicy.LIMITS,
         max_age=max_age or None,
@@ -86,24 +87,32 @@ async def ensure_stream(js: Any, name: str, subject_prefix: str, *, storage: str
         discard=api.DiscardPolicy.OLD,
     )
     try:
-        await js.stream_info(name)
+        info = await js.stream_info(name)
     except nats.js.errors.NotFoundError:
         try:
             await js.add_stream(config)
+            return
         except nats.js.errors.BadRequestError:
-            await js.stream_info(name)  # created concurrently: fine
+            info = await js.stream_info(name)  # created concurrently: fine
+    have = list(info.config.subjects or [])
+    missing = [s for s in subjects if s not in have]
+    if missing:
+        info.config.subjects = have + missing
+        await js.update_stream(info.config)
 
 
 async def ensure_bucket(js: Any, bucket: str, stream_name: str, *, storage: str,
-                        max_age: float) -> Any:
-    """The key-value bucket ``bucket`` (history 1), created unless it exists."""
+                        max_age: float, history: int) -> Any:
+    """The key-value bucket ``bucket`` (keeping ``history`` values per key), created unless
+    it exists."""
     try:
         return await js.key_value(bucket)
     except nats.js.errors.BucketNotFoundError:
         try:
             return await js.create_key_value(api.KeyValueConfig(
-                bucket=bucket, history=1, ttl=max_age or None, storage=_storage(storage),
-                description=f"eventbroker store of stream {stream_name}",
+                bucket=bucket, history=history, ttl=max_age or None,
+                storage=_storage(storage),
+                description=f"eventbroker status entries of stream {stream_name}",
             ))
         except nats.js.errors.BadRequestError:
             return await js.key_value(bucket)

@@ -7,7 +7,15 @@ import re
 
 from ...pattern import validate_pattern
 
-__all__ = ["BAD_SUBJECT", "bucket_name", "safe_name", "subject_filter", "unique_safe_name"]
+__all__ = [
+    "BAD_SUBJECT",
+    "bucket_name",
+    "safe_name",
+    "status_bucket_name",
+    "stored_prefix",
+    "subject_filter",
+    "unique_safe_name",
+]
 
 #: What an event type or subject prefix must not contain: whitespace, wildcards, empty tokens.
 BAD_SUBJECT = re.compile(r"[\s*>]|^\.|\.\.|\.$")
@@ -38,8 +46,26 @@ def unique_safe_name(text: str) -> str:
     return f"{safe}_{hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()[:10]}"
 
 
+def stored_prefix(stream_name: str) -> str:
+    """The subject prefix, in the stream ``stream_name``, of events stored without being
+    published (``store()``): ``_eventbroker_stored.<stream_name>``, followed by the event type.
+
+    Outside ``<subject_prefix>.>``, so that fan-out streams, groups and users subscribed to
+    the event subjects never see them; named after the stream, whose name is unique on the
+    server, so that two streams never claim the same subjects.
+    """
+    return f"_eventbroker_stored.{stream_name}"
+
+
+def status_bucket_name(stream_name: str) -> str:
+    """The key-value bucket holding the status entries of the events of ``stream_name``:
+    ``<stream_name>_status`` (unsafe characters handled as in :func:`bucket_name`)."""
+    return f"{unique_safe_name(stream_name)}_status"
+
+
 def bucket_name(stream_name: str) -> str:
-    """The key-value bucket that stores the events of ``stream_name``: ``<stream_name>_store``,
+    """The key-value bucket that stored whole events of ``stream_name`` before the stream
+    became the store of record (see the package docstring): ``<stream_name>_store``,
     or, for a stream name with characters a bucket name cannot hold, its
     :func:`unique_safe_name` followed by ``_store``.
 

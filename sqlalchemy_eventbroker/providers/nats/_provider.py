@@ -19,23 +19,44 @@ from nats.aio.msg import Msg
 from nats.js import api
 
 from ... import _json
-from ..._json import dumps, loads
 from ..._types import JSON
-from ...errors import EventValidationError, ProviderError
+from ...errors import ProviderError
 from ...event import Event, EventStatus
 from .._loop import LoopClosed, LoopThread
 from .._remote import RemoteProvider
 from ..base import EventFilter, ProviderStats, QueueEventStream, StatusUpdate
 from ._connection import connect, ensure_bucket, ensure_stream
 from ._group import NatsGroupStream
-from ._names import BAD_SUBJECT, bucket_name, subject_filter, unique_safe_name
+from ._names import (
+    BAD_SUBJECT,
+    bucket_name,
+    status_bucket_name,
+    stored_prefix,
+    subject_filter,
+    unique_safe_name,
+)
+from ._store import (
+    CLOCK_MARGIN,
+    ID_HEADER,
+    STATUS_HISTORY,
+    StatusEntries,
+    build_event,
+    fetch_statuses,
+    fold_status_messages,
+    id_time,
+    read_stream,
+    status_entry,
+)
 
 __all__ = ["NatsProvider"]
 
 log = logging.getLogger("sqlalchemy_eventbroker.providers.nats")
 
 _ORIGIN = "Eventbroker-Origin"
-_STATUS_CONCURRENCY = 32  # status updates in flight at once in update_status_many
+_STATUS_LOOKUPS = 64  # list(): up to this many events, their statuses are looked up one by one
+#: Longest a scan (list, stats) may run in all; each read also fails after ``request_timeout``
+#: seconds without progress.
+_SCAN_BUDGET = 3600.0
 #: Longest subject sent, in bytes: the server's default ``max_control_line`` (4,096 bytes) less
 #: room for the rest of the ``HPUB`` line (reply inbox, sizes). A longer one makes the server
 #: drop the whole connection, so it is refused here, before anything is sent.
@@ -129,12 +150,16 @@ class NatsProvider(RemoteProvider[_NatsFanoutStream]):
         self.connect_timeout = connect_timeout
         self.reconnect_wait = reconnect_wait
         self.max_ack_pending = max_ack_pending
-        self.bucket = bucket_name(stream_name)
+        self.stored_prefix = stored_prefix(stream_name)
+        #: The key-value bucket of status entries.
+        self.bucket = status_bucket_name(stream_name)
+        self._kv_stream = f"KV_{self.bucket}"
+        self._status_pre = f"$KV.{self.bucket}."
         # Status writes: their own connection and loop thread, made on first use.
         self._status_lock = threading.Lock()
         self._status_loop: LoopThread | None = None
         self._status_nc: Any = None
-        self._status_kv: Any = None
+        self._status_js: Any = None
         self._loop = LoopThread(name=f"eventbroker-nats-{stream_name}")
         try:
             with self._translate_errors():
@@ -153,28 +178,25 @@ class NatsProvider(RemoteProvider[_NatsFanoutStream]):
         self._nc = await self._open(f"eventbroker:{self.stream_name}")
         try:
             self._js = self._nc.jetstream(timeout=self.request_timeout)
-            await ensure_stream(self._js, self.stream_name, self.subject_prefix,
+            await ensure_stream(self._js, self.stream_name,
+                                [f"{self.subject_prefix}.>", f"{self.stored_prefix}.>"],
                                 storage=self.storage, max_age=self.max_age,
                                 max_msgs=self.max_msgs)
             self._kv = await ensure_bucket(self._js, self.bucket, self.stream_name,
-                                           storage=self.storage, max_age=self.max_age)
+                                           storage=self.storage, max_age=self.max_age,
+                                           history=STATUS_HISTORY)
         except BaseException:
             await self._nc.close()
             raise
 
     async def _connect_status(self) -> None:  # on the status loop
         nc = await self._open(f"eventbroker:{self.stream_name}:status")
-        try:
-            kv = await nc.jetstream(timeout=self.request_timeout).key_value(self.bucket)
-        except BaseException:
-            await nc.close()
-            raise
-        self._status_nc, self._status_kv = nc, kv
+        self._status_nc, self._status_js = nc, nc.jetstream(timeout=self.request_timeout)
 
     def _run_status(self, make: Callable[[Any], Coroutine[Any, Any, None]],
                     timeout: float | None = None) -> None:
-        """Run ``make(kv)`` (a coroutine on the status bucket handle) on the status loop,
-        connecting it first if this is the first status write."""
+        """Run ``make(js)`` (a coroutine on the status connection's JetStream context) on the
+        status loop, connecting it first if this is the first status write."""
         self._check_open()
         loop = self._status_loop
         if loop is None:
@@ -192,7 +214,7 @@ class NatsProvider(RemoteProvider[_NatsFanoutStream]):
                         raise
                     self._status_loop = loop
         with self._translate_errors():
-            loop.run(make(self._status_kv), timeout or self.request_timeout * 3)
+            loop.run(make(self._status_js), timeout or self.request_timeout * 3)
 
     def _run(self, coro: Coroutine[Any, Any, Any], timeout: float | None = None) -> Any:
         if self._closed:
@@ -203,175 +225,179 @@ class NatsProvider(RemoteProvider[_NatsFanoutStream]):
 
     # -- store ---------------------------------------------------------------------------------
 
-    def _store_items(self, events: Sequence[Event]) -> list[tuple[str, bytes]]:
-        """Each event's key and JSON, checked against the server's ``max_payload`` before
-        anything is sent (a message over it is refused by the server)."""
+    def _bodies(self, events: Sequence[Event]) -> list[bytes]:
+        """Each event's JSON, checked against the server's ``max_payload`` and its id against
+        what a status key may hold, before anything is sent (the server refuses a message
+        over ``max_payload``)."""
         self._check_open()
         limit = int(getattr(self._nc, "max_payload", 0) or 0) - _HEADER_ROOM
-        items = []
+        bodies = []
         for e in events:
             if not nats.js.kv._is_key_valid(e.id):
-                raise ProviderError(f"nats at {self._address}: invalid key {e.id!r}")
+                raise ProviderError(f"nats at {self._address}: invalid event id {e.id!r}")
             value = e.to_json().encode()
             if limit > 0 and len(value) > limit:
                 raise ProviderError(
                     f"nats at {self._address}: event {e.id} is {len(value)} bytes as JSON, over "
                     f"the server's max_payload of {limit + _HEADER_ROOM} bytes (less "
                     f"{_HEADER_ROOM} for headers); nothing was sent")
-            items.append((e.id, value))
-        return items
+            bodies.append(value)
+        return bodies
 
     def store(self, event: Event) -> None:
-        """Store ``event`` now (one put, acknowledged)."""
+        """Store ``event`` without publishing it: one message on its stored-only subject
+        (``_eventbroker_stored.<stream>.<type>``, which no stream or group reads), acknowledged
+        before this returns."""
         _json.check_storable(event.payload, "payload")
         _json.check_storable(event.metadata, "metadata")
-        ((key, value),) = self._store_items((event,))
+        subject = self._subject(event, self.stored_prefix)
+        (body,) = self._bodies((event,))
 
         async def put() -> None:
-            ack = await self._js.publish_async(self._kv._pre + key, value)
+            ack = await self._js.publish_async(subject, body, stream=self.stream_name,
+                                               headers={ID_HEADER: event.id})
             await asyncio.wait_for(ack, self.request_timeout)
 
         self._run(put(), self.request_timeout * 2)
 
-    async def _get(self, event_id: str) -> tuple[Event, int] | None:
+    def _scan_timeout(self) -> float:
+        return self.request_timeout * 2
+
+    async def _locate(self, event_id: str) -> list[int]:
+        """The stream sequences of the messages of ``event_id``, oldest first: a read of the
+        headers stored since the id's time (see ``_store``)."""
+        made = id_time(event_id)
+        start = None if made is None else made - dt.timedelta(seconds=CLOCK_MARGIN)
+        parts = await asyncio.gather(*(
+            read_stream(self._js, self.stream_name, f"{prefix}.>", start=start,
+                        headers_only=True, progress_timeout=self._scan_timeout())
+            for prefix in (self.subject_prefix, self.stored_prefix)))
+        return sorted(m.metadata.sequence.stream for part in parts for m in part
+                      if m.headers and m.headers.get(ID_HEADER) == event_id)
+
+    async def _get(self, event_id: str) -> Event | None:
+        if not nats.js.kv._is_key_valid(event_id):
+            return None  # store() refuses such ids: never stored
+        seqs, entries = await asyncio.gather(
+            self._locate(event_id),
+            fetch_statuses(self._js, self._kv_stream, self._status_pre + event_id))
+        if not seqs:
+            return None
         try:
-            entry = await self._kv.get(event_id)
-        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError,
-                nats.js.errors.InvalidKeyError):
-            return None
-        if entry.value is None:
-            return None
-        try:
-            return Event.from_json(entry.value), int(entry.revision or 0)
-        except EventValidationError as exc:
-            # A corrupt entry is logged with its id and treated as absent, never fatal.
-            log.error("nats: stored event %s in bucket %s is unreadable and skipped: %s",
-                      event_id, self.bucket, exc)
-            return None
+            msg = await self._js.get_msg(self.stream_name, seq=seqs[-1])
+        except nats.js.errors.NotFoundError:
+            return None  # deleted meanwhile
+        return build_event(msg.data or b"", event_id, msg.time, entries,
+                           f"stream {self.stream_name}")
 
     def get(self, event_id: str) -> Event | None:
-        found = self._run(self._get(event_id))
-        return found[0] if found else None
+        """The stored event with its current status, or ``None``.
 
-    async def _scan(self) -> list[Event]:
-        """The latest value of every key in the bucket, read with one ordered consumer.
-
-        Reads up to the bucket's last sequence as of the start (not the consumer's pending
-        count, which nats-server 2.9 does not always report exactly for last-per-subject).
+        Reads the headers of the messages stored since the id's UUIDv7 time (less
+        ``CLOCK_MARGIN``), then the one message by sequence; an id without a time reads the
+        headers of the whole stream. See the package docstring.
         """
-        stream = f"KV_{self.bucket}"
-        state = (await self._js.stream_info(stream)).state
-        if not state.messages:
-            return []
-        last = state.last_seq
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        events: list[Event] = []
+        return self._run(self._get(event_id), _SCAN_BUDGET)  # type: ignore[no-any-return]
 
-        async def on_msg(msg: Msg) -> None:
-            op = msg.headers.get("KV-Operation") if msg.headers else None
-            if op is None and msg.data:
-                try:
-                    events.append(Event.from_json(msg.data))
-                except EventValidationError as exc:
-                    log.error("nats: stored event %s in bucket %s is unreadable and skipped: %s",
-                              msg.subject.rpartition(".")[2], self.bucket, exc)
-            if msg.metadata.sequence.stream >= last and not done.done():
-                done.set_result(None)
+    async def _statuses_of(self, ids: Sequence[str]) -> dict[str, StatusEntries]:
+        """The status entries of ``ids``: looked up one by one for a few events, else one read
+        of the whole status bucket."""
+        if len(ids) <= _STATUS_LOOKUPS:
+            found = await asyncio.gather(*(
+                fetch_statuses(self._js, self._kv_stream, self._status_pre + i) for i in ids))
+            return dict(zip(ids, found, strict=True))
+        msgs = await read_stream(self._js, self._kv_stream, f"{self._status_pre}>",
+                                 progress_timeout=self._scan_timeout())
+        return fold_status_messages(msgs, set(ids))
 
-        sub = await self._js.subscribe(
-            f"$KV.{self.bucket}.>", stream=stream, cb=on_msg, ordered_consumer=True,
-            deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
-        )
-        try:
-            await asyncio.wait_for(done, self.request_timeout + state.messages / 5000)
-        finally:
-            await sub.unsubscribe()
+    async def _read_events(self, flt: EventFilter) -> list[Event]:
+        """Every stored event that ``flt``'s type pattern and start time may select (the
+        latest copy of each id), with its status: the server filters by subject and starts
+        at ``start_time`` less ``CLOCK_MARGIN``; the rest is filtered here."""
+        start = None if flt.start_time is None else \
+            flt.start_time - dt.timedelta(seconds=CLOCK_MARGIN)
+        pattern = flt.type_pattern or "*"
+        parts = await asyncio.gather(*(
+            read_stream(self._js, self.stream_name, subject_filter(prefix, pattern),
+                        start=start, progress_timeout=self._scan_timeout())
+            for prefix in (self.subject_prefix, self.stored_prefix)))
+        latest: dict[str, tuple[int, Msg]] = {}
+        for part in parts:
+            for m in part:
+                event_id = m.headers.get(ID_HEADER) if m.headers else None
+                if event_id is None:
+                    continue  # not written by this provider
+                seq = m.metadata.sequence.stream
+                if event_id not in latest or latest[event_id][0] < seq:
+                    latest[event_id] = (seq, m)
+        entries = await self._statuses_of(list(latest))
+        where = f"stream {self.stream_name}"
+        events = []
+        for event_id, (_, m) in latest.items():
+            e = build_event(m.data, event_id, m.metadata.timestamp,
+                            entries.get(event_id, []), where)
+            if e is not None:
+                events.append(e)
         return events
 
     def list(self, filter: EventFilter) -> list[Event]:
         """Stored events passing ``filter``, oldest ``created_at`` first (ties by id).
 
-        Reads every stored event (see the package docstring): cost grows with the bucket.
+        A scan: it reads every message on the subjects the type pattern selects, from
+        ``start_time`` (less ``CLOCK_MARGIN``) on, and the status entries of what it read;
+        the other fields, the sort and ``limit``/``offset`` are applied here (stream order is
+        publish order, not ``created_at`` order, so a limit cannot end the read early). See
+        the package docstring.
         """
-        events = [e for e in self._run(self._scan(), None) if filter.matches(e)]
+        events = [e for e in self._run(self._read_events(filter), _SCAN_BUDGET)
+                  if filter.matches(e)]
         events.sort(key=lambda e: (e.created_at, e.id))
         events = events[filter.offset:]
         return events[:filter.limit] if filter.limit else events
 
-    async def _update(self, kv: Any, update: StatusUpdate) -> None:
-        """Read the stored JSON, patch the status fields, compare-and-set on its revision.
-
-        The JSON is patched as a dict (no ``Event`` built and re-encoded): a consumer writes
-        a status for every event it handles, so this is on a hot path.
-        """
-        event_id, status, error, retry_count = update
-        status = EventStatus(status)
-        for _ in range(50):
-            try:
-                entry = await kv.get(event_id)
-            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError,
-                    nats.js.errors.InvalidKeyError):
-                return
-            if entry.value is None:
-                return
-            d = loads(entry.value)
-            now = dt.datetime.now(dt.UTC).isoformat()
-            d["status"] = str(status)
-            d["error"] = error
-            if retry_count is not None:
-                d["retry_count"] = int(retry_count)
-            if status is EventStatus.PROCESSING:
-                d["processed_at"] = now
-            elif status in (EventStatus.COMPLETED, EventStatus.FAILED):
-                d["completed_at"] = now
-                if not d.get("processed_at"):
-                    d["processed_at"] = now
-            try:
-                await kv.update(event_id, dumps(d).encode(), last=int(entry.revision or 0))
-                return
-            except nats.js.errors.KeyWrongLastSequenceError:
-                continue  # someone else changed it meanwhile: read again
-        raise ProviderError(f"nats at {self._address}: update_status({event_id}) kept conflicting")
-
     def update_status_many(self, updates: Sequence[StatusUpdate]) -> None:
-        """Apply ``updates`` (same semantics as ``update_status`` each), the updates of
-        different events concurrently, those of one event in order."""
-        if not updates:
+        """Append one status entry per update (see ``update_status``), all in flight at once,
+        in order; nothing is read first. An unknown id gets an entry that no read ever
+        shows (it expires with ``max_age``)."""
+        entries = [(self._status_pre + u.event_id, status_entry(EventStatus(u.status), u.error,
+                                                                u.retry_count))
+                   for u in updates if nats.js.kv._is_key_valid(u.event_id)]
+        if not entries:
             return
-        by_id: dict[str, list[StatusUpdate]] = {}
-        for u in updates:
-            by_id.setdefault(u.event_id, []).append(u)
+        timeout = self.request_timeout
 
-        # At most _STATUS_CONCURRENCY events in flight: enough to hide the round trips
-        # without flooding the status connection's outbound buffer.
-        async def apply(kv: Any) -> None:
-            limit = asyncio.Semaphore(_STATUS_CONCURRENCY)
+        async def write(js: Any) -> None:
+            publish_async = js.publish_async
+            for i in range(0, len(entries), _PUTS_IN_FLIGHT):
+                futures = [await publish_async(subject, value)
+                           for subject, value in entries[i:i + _PUTS_IN_FLIGHT]]
+                await asyncio.wait_for(asyncio.gather(*futures), timeout)
 
-            async def one(chain: list[StatusUpdate]) -> None:
-                async with limit:
-                    for u in chain:
-                        await self._update(kv, u)
-
-            await asyncio.gather(*(one(c) for c in by_id.values()))
-
-        self._run_status(apply, self.request_timeout * (3 + len(by_id) // 100))
+        self._run_status(write, timeout * (3 + len(entries) // _PUTS_IN_FLIGHT))
 
     def delete(self, event_id: str) -> None:
-        async def purge() -> None:
-            with contextlib.suppress(nats.js.errors.InvalidKeyError):
-                await self._kv.purge(event_id)
+        """Delete every message of ``event_id`` (found as ``get`` finds it) and purge its
+        status entries."""
+        if not nats.js.kv._is_key_valid(event_id):
+            return
 
-        self._run(purge())
+        async def remove() -> None:
+            for seq in await self._locate(event_id):
+                with contextlib.suppress(nats.js.errors.NotFoundError):
+                    await self._js.delete_msg(self.stream_name, seq)
+            await self._kv.purge(event_id)
+
+        self._run(remove(), _SCAN_BUDGET)
 
     # -- transport -----------------------------------------------------------------------------
 
-    def _subject(self, event: Event) -> str:
+    def _subject(self, event: Event, prefix: str) -> str:
         if BAD_SUBJECT.search(event.type):
             raise ProviderError(
                 f"nats at {self._address}: event type {event.type[:80]!r} is not a valid NATS "
                 "subject (no whitespace, '*', '>' or empty segments)"
             )
-        subject = f"{self.subject_prefix}.{event.type}"
+        subject = f"{prefix}.{event.type}"
         if len(subject) > MAX_SUBJECT_BYTES // 4 and \
                 len(subject.encode("utf-8", "surrogatepass")) > MAX_SUBJECT_BYTES:
             raise ProviderError(
@@ -382,30 +408,29 @@ class NatsProvider(RemoteProvider[_NatsFanoutStream]):
         return subject
 
     def store_and_publish_many(self, events: Sequence[Event], *, origin: str = "") -> None:
-        """Put ``events`` in the bucket and publish them to the stream in one round trip:
-        every put is written to the connection ahead of its publish, all in flight at once
-        (up to ~1000 messages at a time), and the acks are awaited together. ``origin``
-        goes in a header (see the package docstring)."""
+        """Store and publish ``events`` in one round trip: one message per event on
+        ``<prefix>.<type>`` (the message is the stored copy), all in flight at once (up to
+        ~1000 at a time), the acks awaited together. The event id and ``origin`` go in
+        headers (see the package docstring)."""
         if not events:
             return
-        subjects = [self._subject(e) for e in events]
-        stored = self._store_items(events)
-        headers = {_ORIGIN: origin} if origin else None
-        pre = self._kv._pre
+        prefix = self.subject_prefix
+        subjects = [self._subject(e, prefix) for e in events]
+        bodies = self._bodies(events)
+        if origin:
+            headers = [{ID_HEADER: e.id, _ORIGIN: origin} for e in events]
+        else:
+            headers = [{ID_HEADER: e.id} for e in events]
         stream = self.stream_name
-        size = max(self.batch_size, _PUTS_IN_FLIGHT) // 2
+        size = max(self.batch_size, _PUTS_IN_FLIGHT)
         timeout = self.request_timeout
 
         async def send() -> None:
             publish_async = self._js.publish_async
             for i in range(0, len(events), size):
-                futures = []
-                for key, value in stored[i:i + size]:
-                    futures.append(await publish_async(pre + key, value))
-                for j in range(i, min(i + size, len(events))):
-                    futures.append(await publish_async(
-                        subjects[j], stored[j][1], stream=stream,
-                        headers=dict(headers) if headers else None))
+                futures = [await publish_async(subjects[j], bodies[j], stream=stream,
+                                               headers=headers[j])
+                           for j in range(i, min(i + size, len(events)))]
                 await asyncio.wait_for(asyncio.gather(*futures), timeout)
 
         self._run(send(), timeout * (3 + len(events) // size))
@@ -453,13 +478,13 @@ class NatsProvider(RemoteProvider[_NatsFanoutStream]):
     def stats(self) -> ProviderStats:
 
         async def gather() -> tuple[list[Event], Any, Any, list[Any]]:
-            events = await self._scan()
+            events = await self._read_events(EventFilter())
             sinfo = await self._js.stream_info(self.stream_name)
-            kinfo = await self._js.stream_info(f"KV_{self.bucket}")
+            kinfo = await self._js.stream_info(self._kv_stream)
             consumers = await self._js.consumers_info(self.stream_name)
             return events, sinfo, kinfo, consumers
 
-        events, sinfo, kinfo, consumers = self._run(gather(), None)
+        events, sinfo, kinfo, consumers = self._run(gather(), _SCAN_BUDGET)
         prefix = unique_safe_name(self.consumer_group) + "-"
         groups: dict[str, JSON] = {
             c.name: {"pending": c.num_pending, "ack_pending": c.num_ack_pending,
@@ -473,16 +498,18 @@ class NatsProvider(RemoteProvider[_NatsFanoutStream]):
             "first_seq": sinfo.state.first_seq,
             "last_seq": sinfo.state.last_seq,
             "consumer_count": sinfo.state.consumer_count,
-            "bucket": self.bucket,
-            "bucket_messages": kinfo.state.messages,
+            "status_bucket": self.bucket,
+            "status_messages": kinfo.state.messages,
             "groups": groups,
         })
 
     def drop(self) -> None:
-        """Delete the stream (with its consumers) and the store bucket. For tests."""
+        """Delete the stream (with its consumers), the status bucket and the key-value store
+        of earlier versions. For tests."""
 
         async def delete() -> None:
-            for name in (self.stream_name, f"KV_{self.bucket}"):
+            for name in (self.stream_name, self._kv_stream,
+                         f"KV_{bucket_name(self.stream_name)}"):
                 with contextlib.suppress(nats.js.errors.NotFoundError):
                     await self._js.delete_stream(name)
 
