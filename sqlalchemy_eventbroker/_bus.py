@@ -12,10 +12,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 
 from ._pipeline import RECEIVED, Job, Pipeline, Subscription
 from ._threads import QuietThread
-from .providers.base import BusProvider, Delivery, EventStream
+from .providers._group_stream import BatchGroupStream
+from .providers.base import BusProvider, Delivery, EventStream, GroupStream
 
 __all__ = ["Bus"]
 
@@ -23,6 +25,10 @@ log = logging.getLogger("sqlalchemy_eventbroker.broker")
 
 #: Seconds a consumer thread blocks in receive() before checking whether it should stop.
 POLL = 0.2
+#: Group deliveries a member has in flight (queued for or running on the pool) per worker.
+#: A few per worker keep the workers fed from the queue while the group loop fetches the
+#: next batch; 1 per worker made them hand over to that thread every few events.
+IN_FLIGHT_PER_WORKER = 4
 
 
 class Bus:
@@ -130,45 +136,57 @@ class Bus:
         stream = sub.stream
         assert stream is not None
         pipeline = self.pipeline
-        # At most worker_count deliveries in flight per group subscription, so one member does
-        # not lease events that it cannot start on before their lease runs out.
-        slots = threading.BoundedSemaphore(1 if pipeline.sync else pipeline.worker_count)
+        # At most `limit` deliveries in flight per group subscription (IN_FLIGHT_PER_WORKER
+        # per worker; 1 in sync mode), so one member does not lease events that it cannot
+        # start on soon (those in flight have their leases renewed meanwhile). The loop takes
+        # as many as are free in one call and dispatches them together: its bookkeeping
+        # (locks, lease tracking, the pool's wake-up) is paid per batch, not per event.
+        limit = 1 if pipeline.sync else max(1, pipeline.worker_count) * IN_FLIGHT_PER_WORKER
+        slots = threading.BoundedSemaphore(limit)
+        take = _batch_receiver(stream)
         while sub.active and self.running:
             if not slots.acquire(timeout=POLL):
                 continue
+            free = 1
+            while free < limit and slots.acquire(blocking=False):
+                free += 1
             try:
-                delivery = stream.receive(timeout=POLL)
+                deliveries = take(free, POLL)
             except StopIteration:
-                slots.release()
+                slots.release(free)
                 return
             except Exception as exc:
-                slots.release()
+                slots.release(free)
                 log.warning("eventbroker: group %r stream failed: %s", sub.group, exc)
                 pipeline.metrics.error("stream")
                 time.sleep(POLL)
                 continue
-            if delivery is None:
-                slots.release()
+            if len(deliveries) < free:
+                slots.release(free - len(deliveries))
+            jobs, leased = [], []
+            for delivery in deliveries:
+                if sub.match(delivery.event.type):
+                    jobs.append(Job(delivery.event, (sub,), delivery=delivery, slot=slots))
+                    leased.append(delivery)
+                else:  # defensive: a provider filtering loosely
+                    delivery.ack()
+                    slots.release()
+            if not jobs:
                 continue
-            event = delivery.event
-            if not sub.match(event.type):  # defensive: a provider filtering loosely
-                delivery.ack()
-                slots.release()
-                continue
-            self._track(delivery, sub.lease)
-            job = Job(event, (sub,), delivery=delivery, slot=slots)
+            self._track(leased, sub.lease)
             try:
-                pipeline.run((event,), RECEIVED, inline=pipeline.sync, jobs=[job])
+                pipeline.run([j.event for j in jobs], RECEIVED, inline=pipeline.sync, jobs=jobs)
             except Exception as exc:  # not acked: the lease runs out and it is redelivered
-                self._untrack(delivery)
-                slots.release()
-                log.warning("eventbroker: could not dispatch group delivery %s: %s", event.id,
-                            exc, extra={"event_id": event.id})
+                self._untrack(leased)
+                slots.release(len(jobs))
+                log.warning("eventbroker: could not dispatch %d group deliveries (%s): %s",
+                            len(jobs), jobs[0].event.id, exc,
+                            extra={"event_id": jobs[0].event.id})
 
     def _acknowledge(self, job: Job) -> None:
         delivery = job.delivery
         assert delivery is not None
-        self._untrack(delivery)
+        self._untrack((delivery,))
         try:
             delivery.ack()
         except Exception as exc:
@@ -180,14 +198,18 @@ class Bus:
 
     # -- lease renewal ---------------------------------------------------------------------
 
-    def _track(self, delivery: Delivery, lease: float) -> None:
+    def _track(self, deliveries: Sequence[Delivery], lease: float) -> None:
         with self._lock:
-            self._inflight[id(delivery)] = (delivery, lease)
-        self._renew_wake.set()
+            idle = not self._inflight
+            for delivery in deliveries:
+                self._inflight[id(delivery)] = (delivery, lease)
+        if idle:  # else the renewer is awake and sees them on its next round
+            self._renew_wake.set()
 
-    def _untrack(self, delivery: Delivery) -> None:
+    def _untrack(self, deliveries: Sequence[Delivery]) -> None:
         with self._lock:
-            self._inflight.pop(id(delivery), None)
+            for delivery in deliveries:
+                self._inflight.pop(id(delivery), None)
 
     def _renew_loop(self) -> None:
         last: dict[int, float] = {}
@@ -214,6 +236,18 @@ class Bus:
                     del last[key]
             self._renew_wake.wait(max(0.05, shortest / 6))
             self._renew_wake.clear()
+
+
+def _batch_receiver(stream: GroupStream) -> Callable[[int, float], Sequence[Delivery]]:
+    """``take(limit, timeout)``: a batch from a :class:`BatchGroupStream`, else one."""
+    if isinstance(stream, BatchGroupStream):
+        return stream.receive_many
+
+    def one(limit: int, timeout: float) -> Sequence[Delivery]:
+        delivery = stream.receive(timeout=timeout)
+        return () if delivery is None else (delivery,)
+
+    return one
 
 
 def _close_quietly(obj: object) -> None:

@@ -1,7 +1,8 @@
-"""A consumer-group member that fetches in batches and hands out one delivery at a time.
+"""A consumer-group member that fetches in batches and hands them out in batches.
 
 Redis and NATS serve ``group_stream`` the same way: a member fetches up to ``batch_size``
-leased messages at once into a buffer, and ``receive`` hands them out one by one. While a
+leased messages at once into a buffer, and ``receive_many`` hands out as many as its caller
+can start on (``receive``: one); acknowledgements are batched by each backend. While a
 message waits in the buffer its lease runs, so a message past half its lease gets its lease
 renewed together with every other one past a third (one round trip), and one past its whole
 lease is dropped (the backend hands it out again, maybe to another member). A failed fetch
@@ -18,7 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Collection, Sequence
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from ..event import Event
 from ..pattern import compile_pattern
@@ -28,11 +29,28 @@ from .base import Closeable
 if TYPE_CHECKING:
     from ._remote import RemoteProvider
 
-__all__ = ["BufferedDelivery", "BufferedGroupStream"]
+__all__ = ["BatchGroupStream", "BufferedDelivery", "BufferedGroupStream"]
 
 log = logging.getLogger(__name__)
 
 TokenT = TypeVar("TokenT")
+
+
+@runtime_checkable
+class BatchGroupStream(Protocol):
+    """A group member that also hands out deliveries in batches.
+
+    Every group stream of this package is one (Redis, NATS, databases); the broker takes a
+    batch per call from one, and falls back to ``receive`` for any other ``GroupStream``.
+    """
+
+    def receive_many(self, limit: int, timeout: float | None = None) -> Sequence[Any]:
+        """Up to ``limit`` deliveries, at least one unless ``timeout`` passed (then ``[]``).
+
+        Raises:
+            StopIteration: the stream was closed.
+        """
+        ...
 
 
 class BufferedDelivery(Generic[TokenT]):
@@ -96,6 +114,23 @@ class BufferedGroupStream(Closeable, Generic[TokenT]):
             StopIteration: the member was closed.
             ProviderError: the backend refused a request (not merely unreachable).
         """
+        got = self.receive_many(1, timeout)
+        return got[0] if got else None
+
+    def receive_many(self, limit: int, timeout: float | None = None
+                     ) -> list[BufferedDelivery[TokenT]]:
+        """Up to ``limit`` deliveries: what is buffered, else one fetch's worth; ``[]`` once
+        ``timeout`` seconds passed with nothing.
+
+        One call hands a consumer a whole batch (one lock, one count), so the broker can
+        dispatch and settle it together instead of paying its bookkeeping per event. It
+        never fetches again once it has something: the rest stays buffered, its leases
+        running.
+
+        Raises:
+            StopIteration: the member was closed.
+            ProviderError: the backend refused a request (not merely unreachable).
+        """
         deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
         with self._recv_lock:
             first = True
@@ -103,13 +138,18 @@ class BufferedGroupStream(Closeable, Generic[TokenT]):
                 if self._closed.is_set():
                     raise StopIteration
                 self._before_take()
-                delivery = self._next_buffered()
-                if delivery is not None:
-                    self._p._count_consumed(1)
-                    return delivery
+                out: list[BufferedDelivery[TokenT]] = []
+                while len(out) < limit:
+                    delivery = self._next_buffered()
+                    if delivery is None:
+                        break
+                    out.append(delivery)
+                if out:
+                    self._p._count_consumed(len(out))
+                    return out
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0 and not first:
-                    return None
+                    return out
                 first = False
                 wait = self._p.block if remaining is None else min(self._p.block, remaining)
                 try:

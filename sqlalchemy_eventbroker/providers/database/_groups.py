@@ -253,9 +253,10 @@ class DbDelivery:
 class DbGroupStream(Closeable):
     """One member of a consumer group (see ``DatabaseProvider.group_stream``).
 
-    Claims events in batches and hands them out one by one. The batch doubles (up to
-    ``prefetch``) while each batch is handed out within ~50 ms and falls back to 1 otherwise,
-    so an idle or slow member leases one event at a time and a busy one amortises the round
+    Claims events in batches and hands them out one by one (``receive``) or as many as the
+    caller can start on (``receive_many``). The batch doubles (up to ``prefetch``) while each
+    batch is handed out within ~50 ms and falls back to 1 (or what ``receive_many`` asked for)
+    otherwise, so an idle or slow member leases little and a busy one amortises the round
     trip over up to ``prefetch`` events. Leases count from the claim; a buffered delivery whose
     lease is half gone is renewed (with the rest of the buffer, one statement) before it is
     handed out, and dropped if the lease was lost meanwhile. Acknowledgements are deferred a
@@ -299,15 +300,27 @@ class DbGroupStream(Closeable):
         Raises:
             StopIteration: the stream (or its provider) was closed.
         """
+        got = self.receive_many(1, timeout)
+        return got[0] if got else None
+
+    def receive_many(self, limit: int, timeout: float | None = None) -> list[DbDelivery]:
+        """Up to ``limit`` deliveries (what is buffered, else one claim's worth), or ``[]``
+        after ``timeout`` seconds. A caller asking for ``limit`` claims at least that many
+        at once (up to ``prefetch``): one round trip for the batch it can start on.
+
+        Raises:
+            StopIteration: the stream (or its provider) was closed.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         soon = Backoff(0.01, 0.25)
+        limit = max(1, limit)
         while True:
             if self._closed.is_set() or self._provider_closed():
                 raise StopIteration
             gen = self._waker.generation()
-            delivery = self._next()
-            if delivery is not None:
-                return delivery
+            got = self._next(limit)
+            if got:
+                return got
             added, again = self.store.fill(self)
             if added:
                 soon.reset()
@@ -316,16 +329,16 @@ class DbGroupStream(Closeable):
             if deadline is not None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    return None
+                    return []
                 wait = min(wait, remaining)
             self._waker.wait(gen, wait)
 
-    def _next(self) -> DbDelivery | None:
-        """A buffered delivery (still leased), else the first of a freshly claimed batch."""
+    def _next(self, limit: int) -> list[DbDelivery]:
+        """Buffered deliveries (still leased), else the first of a freshly claimed batch."""
         with self._io:
-            d = self._take_buffered()
-            if d is not None:
-                return d
+            out = self._take_buffered(limit)
+            if out:
+                return out
             now = time.monotonic()
             if self._handed:  # the last batch is all out: was it quick?
                 busy = now - self._since < _PREFETCH_HORIZON
@@ -333,19 +346,19 @@ class DbGroupStream(Closeable):
             with self._acks_lock:
                 acks, self._acks = self._acks, []
             try:
-                got = self.store.claim(self, self._batch, acks)
+                got = self.store.claim(self, max(self._batch, min(limit, self.prefetch)), acks)
             except BaseException:
                 self._restore_acks(acks)
                 raise
             if got:
                 self._handed, self._since = 0, now
                 self._buffer.extend(got)
-            return self._take_buffered()
+            return self._take_buffered(limit)
 
-    def _take_buffered(self) -> DbDelivery | None:
+    def _take_buffered(self, limit: int) -> list[DbDelivery]:
         buf = self._buffer
         if not buf:
-            return None
+            return []
         if time.monotonic() - buf[0].leased_at > self.lease / 2:
             held = self.store.relet(self, list(buf), self.lease)
             now = time.monotonic()
@@ -354,10 +367,9 @@ class DbGroupStream(Closeable):
                 d.leased_at = now
             buf.clear()
             buf.extend(kept)
-            if not buf:
-                return None
-        self._handed += 1
-        return buf.popleft()
+        n = min(limit, len(buf))
+        self._handed += n
+        return [buf.popleft() for _ in range(n)]
 
     # -- acknowledgements --
 

@@ -88,11 +88,16 @@ class NatsGroupStream(BufferedGroupStream[Msg]):
         """Queue an ack (``+ACK``), renew (``+WPI``), nak or term for ``msg``; replies queued
         together go out in one task on the loop, in order (one cross-thread hop per batch
         instead of one per message)."""
-        if not msg.reply:
+        self._replies_for(((msg, payload),))
+
+    def _replies_for(self, replies: Sequence[tuple[Msg, bytes]]) -> None:
+        """Queue several replies at once (see :meth:`_reply`)."""
+        todo = [(msg.reply, payload) for msg, payload in replies if msg.reply]
+        if not todo:
             return
         with self._replies_lock:
             first = not self._replies
-            self._replies.append((msg.reply, payload))
+            self._replies.extend(todo)
         if first:
             with contextlib.suppress(LoopClosed):
                 self._p._loop.call_soon(self._flush_replies)
@@ -118,8 +123,7 @@ class NatsGroupStream(BufferedGroupStream[Msg]):
 
     def _renew(self, deliveries: Sequence[BufferedDelivery[Msg]]
                ) -> Sequence[BufferedDelivery[Msg]]:
-        for d in deliveries:
-            self._reply(d.token, _WPI)
+        self._replies_for([(d.token, _WPI) for d in deliveries])
         return deliveries  # +WPI cannot fail to be ours: an expired lease is just redelivered
 
     # -- fetching ------------------------------------------------------------------------------
