@@ -43,11 +43,12 @@ The table (``eventbroker_inbox`` unless ``table_name``) comes from the migration
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, cast, overload
 
 import sqlalchemy as sa
@@ -134,7 +135,10 @@ class Inbox:
         table_name: the inbox table; several consumers share one table.
 
     Thread-safe: the wrapped handler opens its own session per call, so a broker's worker
-    threads may run it concurrently.
+    threads may run it concurrently. An async inbox's handlers run on the broker's event loop
+    (a thread of its own when the application is sync); pooled async connections are bound
+    to the loop that opened them, so give the inbox an engine of its own (or ``NullPool``)
+    when the application also uses that engine on another loop.
 
     Raises:
         ConfigError: (a ``ValueError``) an empty or overlong ``consumer``, a ``table_name``
@@ -238,12 +242,12 @@ class Inbox:
         # SQLAlchemy's compiled INSERTs, so the count cannot be trusted.
         t = self.table
         if dialect == "postgresql":
-            stmt = pg.insert(t).values(values).on_conflict_do_nothing()
-            return stmt.returning(t.c.event_id), True
-        if dialect == "sqlite":
-            stmt = sqlite.insert(t).values(values).on_conflict_do_nothing()
-            return stmt.returning(t.c.event_id), True
-        return t.insert().values(values), False
+            upsert: sa.Insert = pg.insert(t).values(values).on_conflict_do_nothing()
+        elif dialect == "sqlite":
+            upsert = sqlite.insert(t).values(values).on_conflict_do_nothing()
+        else:
+            return t.insert().values(values), False
+        return upsert.returning(t.c.event_id), True
 
     def _record(self, session: Session, event_id: str) -> bool:
         """Insert the inbox row; False when it was already there (nothing inserted)."""
@@ -270,12 +274,20 @@ class Inbox:
                 return False
             return True
 
-    @functools.cached_property
-    def _where(self) -> str:
-        return f"inbox {self.table_name!r} (consumer {self.consumer!r})"
-
-    def _translate(self) -> _Translate:
-        return _Translate(self._where)
+    @contextlib.contextmanager
+    def _translate(self) -> Iterator[None]:
+        """Database errors of the inbox's own statements become a :class:`ProviderError`
+        naming the inbox (a missing table says how to create it). Never wraps ``fn``: the
+        handler's own errors propagate unchanged."""
+        try:
+            yield
+        except sa_exc.DBAPIError as exc:
+            message = " ".join(str(exc.orig).split())
+            if "no such table" in message or "does not exist" in message:
+                message += " (create it: inbox.create_schema() or `eventbroker migrate upgrade`)"
+            raise ProviderError(
+                f"inbox {self.table_name!r} (consumer {self.consumer!r}): "
+                f"{type(exc.orig).__name__}: {message}") from exc
 
     # -- schema and purge ----------------------------------------------------------------
 
@@ -342,24 +354,3 @@ class Inbox:
         with self._translate():
             async with factory() as session, session.begin():
                 return cast("sa.CursorResult[Any]", await session.execute(stmt)).rowcount
-
-
-class _Translate:
-    """Database errors of the inbox's own statements become :class:`ProviderError`s naming
-    the inbox (a missing table says how to create it); the handler's errors pass unchanged,
-    as the statements run outside the function's call."""
-
-    def __init__(self, where: str) -> None:
-        self._where = where
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: object) -> None:
-        if not isinstance(exc, sa_exc.DBAPIError):
-            return
-        message = " ".join(str(exc.orig).split())
-        if "no such table" in message or "does not exist" in message:
-            message += " (create it: inbox.create_schema() or `eventbroker migrate upgrade`)"
-        raise ProviderError(f"{self._where}: {type(exc.orig).__name__}: {message}") from exc
