@@ -181,6 +181,7 @@ class Broker:
             if self.mode is ProcessingMode.ASYNC:
                 self._pipeline.ensure_pool()
             self._running = True
+            self.metrics.watch_store(self.provider)  # store gauges, computed at scrape time
             self._bus.start()
             subs = list(self._subs.values())
         if any(s.group is None for s in subs):
@@ -210,6 +211,7 @@ class Broker:
                 # A publish_async racing this stop either gets its place before this (and is
                 # drained below) or is refused with BrokerStopped: never accepted and dropped.
                 pipeline.pool.close_admission()
+        self.metrics.unwatch_store(self.provider)
         self._bus.stop_reading(subs, deadline)
         pipeline.close(deadline)
         self._bus.close(subs)

@@ -8,6 +8,12 @@ Label values stay bounded (API.md section 8): a broker labels at most :data:`MAX
 distinct event types; every later type is counted under ``type="other"``, and a warning is
 logged once per broker. The bound applies to the children this broker creates, so the
 ``/metrics`` body and the caches here stay small whatever types the application invents.
+
+The store gauges (``eventbroker_store_*``, ``eventbroker_group_*``) are computed at scrape time
+by :class:`StoreCollector`, one per registry, from the stores of the running brokers on it:
+the same figures as ``eventbroker stats``, from the same code (``providers.ops``). They are
+bounded too: the :data:`STORE_TOP_TYPES` most frequent types by name (the rest summed under
+``type="other"``) and the :data:`STORE_MAX_GROUPS` groups with the most pending events.
 """
 
 from __future__ import annotations
@@ -16,12 +22,16 @@ import logging
 import threading
 import weakref
 from bisect import bisect_left
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
-__all__ = ["MAX_TYPES", "OTHER_TYPE", "BrokerMetrics", "start_metrics_server"]
+from .providers.base import Provider
+
+__all__ = ["MAX_TYPES", "OTHER_TYPE", "BrokerMetrics", "StoreCollector", "start_metrics_server"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +39,10 @@ log = logging.getLogger(__name__)
 MAX_TYPES = 1000
 #: The ``type`` label of every event type past the first :data:`MAX_TYPES`.
 OTHER_TYPE = "other"
+#: Event types the store gauges name (the most frequent); the rest are summed as "other".
+STORE_TOP_TYPES = 20
+#: Consumer groups the group gauges report (those with the most pending events).
+STORE_MAX_GROUPS = 100
 
 _lock = threading.Lock()
 _collectors: weakref.WeakKeyDictionary[CollectorRegistry, _Collectors] = weakref.WeakKeyDictionary()
@@ -63,6 +77,8 @@ class _Collectors:
         )
         self.queue_sources: weakref.WeakSet[Any] = weakref.WeakSet()
         self.queue_size.set_function(self._queue_total)
+        self.store = StoreCollector()
+        registry.register(self.store)
 
     def _queue_total(self) -> float:
         return float(sum(src.queue_size() for src in list(self.queue_sources)))
@@ -110,6 +126,14 @@ class BrokerMetrics:
         """Report ``source.queue_size()`` in ``eventbroker_queue_size`` (read at scrape time)."""
         self._c.queue_sources.add(source)
 
+    def watch_store(self, provider: Provider) -> None:
+        """Report ``provider``'s store in the scrape-time store gauges (a running broker)."""
+        self._c.store.watch(provider)
+
+    def unwatch_store(self, provider: Provider) -> None:
+        """Stop reporting ``provider``'s store (its broker stopped)."""
+        self._c.store.unwatch(provider)
+
     def published(self, source: str, type_: str) -> None:
         key = (source, type_)
         inc = self._published.get(key)
@@ -144,6 +168,107 @@ class BrokerMetrics:
         if child is None:
             child = self._errors[kind] = self._c.errors.labels(kind)
         child.inc()
+
+
+class StoreCollector(Collector):
+    """Gauges of the watched stores, computed when Prometheus scrapes (``providers.ops``).
+
+    Every sample carries ``store`` (the provider's ``repr``: backend address without secrets
+    and table or stream), so two brokers on two stores stay apart and two brokers on one
+    store report it once. A store that fails to answer reports ``eventbroker_store_up 0``
+    (and a warning once until it answers again) instead of failing the whole scrape.
+    A database answers with a few aggregate statements per scrape (see ``database/_ops.py``);
+    other backends with their ``stats()`` alone (no per-type counts, no groups).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stores: dict[int, tuple[weakref.ref[Provider], str]] = {}
+        self._failing: set[str] = set()
+
+    def watch(self, provider: Provider) -> None:
+        try:
+            ref = weakref.ref(provider)
+        except TypeError:  # a provider class with __slots__ and no __weakref__: not reported
+            return
+        with self._lock:
+            self._stores[id(provider)] = (ref, repr(provider))
+
+    def unwatch(self, provider: Provider) -> None:
+        with self._lock:
+            self._stores.pop(id(provider), None)
+
+    def _live(self) -> list[tuple[Provider, str]]:
+        with self._lock:
+            out, seen = [], set()
+            for key, (ref, name) in list(self._stores.items()):
+                provider = ref()
+                if provider is None:
+                    del self._stores[key]
+                elif name not in seen:
+                    seen.add(name)
+                    out.append((provider, name))
+            return out
+
+    def describe(self) -> list[Metric]:
+        return list(self._families())
+
+    @staticmethod
+    def _families() -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily("eventbroker_store_up", "1 if the store answered this scrape.",
+                                labels=["store"])
+        yield GaugeMetricFamily("eventbroker_store_events", "Stored events by status.",
+                                labels=["store", "status"])
+        yield GaugeMetricFamily(
+            "eventbroker_store_events_by_type",
+            f"Stored events of the {STORE_TOP_TYPES} most frequent types; the rest as "
+            f"type=\"{OTHER_TYPE}\".", labels=["store", "type"])
+        yield GaugeMetricFamily("eventbroker_store_oldest_pending_age_seconds",
+                                "Age of the oldest pending event (0: none pending).",
+                                labels=["store"])
+        yield GaugeMetricFamily("eventbroker_store_notify_queue_usage_ratio",
+                                "PostgreSQL pg_notification_queue_usage().", labels=["store"])
+        for name, text in (("pending", "Events the group owes that nobody holds."),
+                           ("in_flight", "Events leased to a member now."),
+                           ("oldest_unclaimed_age_seconds",
+                            "Age of the group's oldest pending event (0: none)."),
+                           ("members", "Members holding or recently holding a lease.")):
+            yield GaugeMetricFamily(f"eventbroker_group_{name}", text,
+                                    labels=["store", "group", "pattern"])
+
+    def collect(self) -> Iterator[Metric]:
+        from .providers.ops import store_stats
+
+        fam = {f.name: f for f in self._families()}
+        for provider, name in self._live():
+            try:
+                s = store_stats(provider, top_types=STORE_TOP_TYPES, scan=False)
+            except Exception as exc:
+                fam["eventbroker_store_up"].add_metric([name], 0.0)
+                if name not in self._failing:
+                    self._failing.add(name)
+                    log.warning("eventbroker metrics: store %s did not answer: %s", name, exc)
+                continue
+            self._failing.discard(name)
+            fam["eventbroker_store_up"].add_metric([name], 1.0)
+            for status, n in s.by_status.items():
+                fam["eventbroker_store_events"].add_metric([name, status], float(n))
+            for type_, n in s.by_type.items():
+                fam["eventbroker_store_events_by_type"].add_metric([name, type_], float(n))
+            fam["eventbroker_store_oldest_pending_age_seconds"].add_metric(
+                [name], s.oldest_pending_age_s or 0.0)
+            if s.notify_queue_usage is not None:
+                fam["eventbroker_store_notify_queue_usage_ratio"].add_metric(
+                    [name], s.notify_queue_usage)
+            groups = sorted(s.groups, key=lambda g: -g.pending)[:STORE_MAX_GROUPS]
+            for g in groups:
+                labels = [name, g.group, g.pattern]
+                fam["eventbroker_group_pending"].add_metric(labels, float(g.pending))
+                fam["eventbroker_group_in_flight"].add_metric(labels, float(g.in_flight))
+                fam["eventbroker_group_oldest_unclaimed_age_seconds"].add_metric(
+                    labels, g.oldest_unclaimed_age_s or 0.0)
+                fam["eventbroker_group_members"].add_metric(labels, float(g.members))
+        yield from fam.values()
 
 
 def _fast_inc(child: Any) -> Callable[[float], None]:

@@ -70,7 +70,7 @@ def register(commands: Any) -> None:
     replay = actions.add_parser(
         "replay", help="feed stored events, oldest first, to a handler (not stored again)")
     add_target(replay)
-    replay.add_argument("--handler", required=True, metavar="MODULE:FUNCTION",
+    replay.add_argument("--handler", dest="handler_spec", required=True, metavar="MODULE:FUNCTION",
                         help="a callable taking an Event (async def too); imported from the "
                              "current directory or the installed packages")
     _add_filter(replay)
@@ -178,7 +178,7 @@ def _silence_stdout() -> None:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    handler = import_handler(args.handler)
+    handler = import_handler(args.handler_spec)
     flt = _filter(args)
     bar = Progress("replay")
     count = 0
@@ -191,7 +191,7 @@ def _replay(args: argparse.Namespace) -> int:
                     if inspect.isawaitable(result):
                         runner.run(_awaited(result))
                 except Exception as exc:
-                    raise Failed(f"{args.handler} failed on event {event.id} ({event.type}) after "
+                    raise Failed(f"{args.handler_spec} failed on event {event.id} ({event.type}) after "
                                  f"{count} replayed: {type(exc).__name__}: {exc}") from exc
                 count += 1
                 bar.update(1)
