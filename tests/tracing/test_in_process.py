@@ -25,6 +25,7 @@ from sqlalchemy_eventbroker import (
     EventSource,
     HandlerError,
     MemoryProvider,
+    ProviderError,
     RetryPolicy,
     new_event,
     register_crud_hooks,
@@ -158,6 +159,45 @@ def test_handler_failure__each_attempt_records_the_exception_with_error_status(
         (exception,) = [e for e in span.events if e.name == "exception"]
         assert (exception.attributes or {})["exception.type"] == "RuntimeError"
         assert_child(span, spans.one("publish shop.order.placed"))
+
+
+def test_publish_many__each_event_gets_its_own_span_even_with_shared_metadata(
+        spans: Spans, make_broker: Callable[..., Broker]) -> None:
+    """publish_many: one publish span per event, and events built from one metadata dict
+    do not end up sharing one context."""
+    broker = make_broker(mode="sync")
+    shared = {"request_id": "r1"}
+    events = [_event() for _ in range(3)]
+    for e in events:
+        e.metadata = shared
+    broker.publish_many(events)
+    published = spans.named("publish shop.order.placed")
+    assert len(published) == 3
+    stored = [broker.provider.get(e.id) for e in events]
+    parents = {s.metadata["traceparent"] for s in stored if s is not None}
+    assert parents == {e.metadata["traceparent"] for e in events}
+    assert len(parents) == 3
+    assert all(s is not None and s.metadata["request_id"] == "r1" for s in stored)
+    assert shared == {"request_id": "r1"}  # the caller's dict is left alone
+
+
+class _RefusingProvider(MemoryProvider):
+    """Refuses every write, as a backend that went away would."""
+
+    def store_and_publish_many(self, events: Any, *, origin: str = "") -> None:
+        raise ProviderError("the store is down")
+
+
+def test_store_failure__the_publish_span_records_it(
+        spans: Spans, make_broker: Callable[..., Broker]) -> None:
+    """Storing failed: publish raises as before, and its span ends with the error."""
+    broker = make_broker(mode="sync", provider=_RefusingProvider())
+    with pytest.raises(ProviderError):
+        broker.publish_sync(_event())
+    span = spans.one("publish shop.order.placed")
+    assert span.status.status_code is StatusCode.ERROR
+    assert "the store is down" in (span.status.description or "")
+    assert not spans.named("process shop.order.placed")
 
 
 def test_tracestate__is_stored_when_the_context_has_one(
