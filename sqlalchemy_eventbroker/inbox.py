@@ -291,10 +291,18 @@ class Inbox:
 
     # -- schema and purge ----------------------------------------------------------------
 
-    def _purge_stmt(self, older_than: object) -> sa.Delete:
+    def _purge_stmt(self, older_than: object, batch_size: int) -> sa.Delete:
+        """One batch: at most ``batch_size`` of this consumer's rows older than the cutoff
+        (found through the ``processed_at`` index), so no delete holds long locks."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size: expected int >= 1, got {batch_size!r}",
+                              path="batch_size")
         cutoff = _now() - dt.timedelta(seconds=_seconds(older_than))
         t = self.table
-        return t.delete().where(t.c.consumer == self.consumer, t.c.processed_at < cutoff)
+        old = (sa.select(t.c.event_id)
+               .where(t.c.consumer == self.consumer, t.c.processed_at < cutoff)
+               .limit(batch_size))
+        return t.delete().where(t.c.consumer == self.consumer, t.c.event_id.in_(old))
 
     def _sync_factory(self, method: str) -> Callable[[], Session]:
         if self.is_async:
@@ -330,27 +338,40 @@ class Inbox:
                 conn = await session.connection(bind_arguments={"clause": self.table})
                 await conn.run_sync(self.metadata.create_all)
 
-    def purge(self, older_than: float | dt.timedelta) -> int:
+    def purge(self, older_than: float | dt.timedelta, *, batch_size: int = 10_000) -> int:
         """Delete this consumer's inbox rows recorded more than ``older_than`` ago (seconds or
-        a ``timedelta``); returns how many were deleted.
+        a ``timedelta``); returns how many were deleted. Deletes ``batch_size`` rows per
+        transaction, so a large purge never holds long locks.
 
         Keep ``older_than`` well beyond the longest time an event can still be redelivered
         (retries, leases, a replay): a purged record no longer stops a duplicate.
 
         Raises:
-            ConfigError: ``older_than`` is negative or not a number or ``timedelta``; the inbox
-                is async (use :meth:`apurge`).
+            ConfigError: ``older_than`` is negative or not a number or ``timedelta``,
+                ``batch_size`` is below 1; the inbox is async (use :meth:`apurge`).
             ProviderError: the database failed.
         """
-        stmt = self._purge_stmt(older_than)
+        stmt = self._purge_stmt(older_than, batch_size)
         factory = self._sync_factory("purge")
-        with self._translate(), factory() as session, session.begin():
-            return cast("sa.CursorResult[Any]", session.execute(stmt)).rowcount
-
-    async def apurge(self, older_than: float | dt.timedelta) -> int:
-        """:meth:`purge` for an async inbox."""
-        stmt = self._purge_stmt(older_than)
-        factory = self._async_factory("purge")
+        total = 0
         with self._translate():
-            async with factory() as session, session.begin():
-                return cast("sa.CursorResult[Any]", await session.execute(stmt)).rowcount
+            while True:
+                with factory() as session, session.begin():
+                    deleted = cast("sa.CursorResult[Any]", session.execute(stmt)).rowcount
+                total += deleted
+                if deleted < batch_size:
+                    return total
+
+    async def apurge(self, older_than: float | dt.timedelta, *, batch_size: int = 10_000) -> int:
+        """:meth:`purge` for an async inbox."""
+        stmt = self._purge_stmt(older_than, batch_size)
+        factory = self._async_factory("purge")
+        total = 0
+        with self._translate():
+            while True:
+                async with factory() as session, session.begin():
+                    result = await session.execute(stmt)
+                deleted = cast("sa.CursorResult[Any]", result).rowcount
+                total += deleted
+                if deleted < batch_size:
+                    return total

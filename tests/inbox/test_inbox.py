@@ -150,6 +150,22 @@ def test_purge__deletes_this_consumers_old_rows_and_returns_the_count(
     assert Inbox(session_factory, consumer="shipping").purge(0) == 1
 
 
+def test_purge__in_batches_until_nothing_old_is_left(inbox: Inbox, engine: sa.Engine) -> None:
+    """``batch_size`` rows per transaction, repeated until a batch comes back short: 25 rows in
+    batches of 10 are all deleted and counted; another consumer's rows stay."""
+    old = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    with engine.begin() as conn:
+        conn.execute(inbox.table.insert(), [
+            {"consumer": c, "event_id": f"e{i}", "processed_at": old}
+            for c in ("billing", "shipping") for i in range(25)])
+    assert inbox.purge(60, batch_size=10) == 25
+    assert inbox.purge(60, batch_size=10) == 0
+    assert {c for c, _ in inbox_rows(engine)} == {"shipping"}
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ConfigError, match="batch_size"):
+            inbox.purge(60, batch_size=bad)  # type: ignore[arg-type]
+
+
 def test_purge__a_purged_event_is_handled_again(inbox: Inbox, engine: sa.Engine) -> None:
     """Purging is what bounds the table; what it forgets is no longer deduplicated."""
     handler = inbox.handler(add_effect)
