@@ -223,3 +223,55 @@ def test_store_again__replaces_the_event_and_keeps_counts_exact(
             assert (st.total_events, st.pending_events, st.completed_events) == (1, 1, 0)
         finally:
             p.drop()
+
+
+def test_any_id__survives_the_packed_script_arguments(redis_url: str, unique_name: str) -> None:
+    """The scripts pack score, status, timestamps and id into one argument, the id last: an
+    id holding commas, a newline or non-ASCII text, and an error text with commas, are
+    stored, updated, listed and deleted intact."""
+    import datetime as dt
+
+    from sqlalchemy_eventbroker import EventFilter, EventStatus, new_event
+
+    with RedisProvider(redis_url, stream_name=f"test:{unique_name}") as p:
+        try:
+            e = new_event("database", "public.t.create", {"i": 1})
+            e.id = "x,1,pending,,2026-01-01T00:00:00+00:00,ü\nz"
+            e.status = EventStatus.PROCESSING
+            e.processed_at = dt.datetime(2026, 1, 2, tzinfo=dt.UTC)
+            s = p.stream("public.**")
+            p.store_and_publish_many([e])
+            assert (got := s.receive(timeout=5)) is not None and got.id == e.id
+            stored = p.get(e.id)
+            assert stored is not None and stored.processed_at == e.processed_at
+            p.update_status(e.id, EventStatus.FAILED, "a, b, c", retry_count=12)
+            stored = p.get(e.id)
+            assert stored is not None
+            assert (stored.status, stored.error, stored.retry_count) == (
+                EventStatus.FAILED, "a, b, c", 12)
+            assert stored.processed_at == e.processed_at and stored.completed_at is not None
+            assert [x.id for x in p.list(EventFilter())] == [e.id]
+            assert p.stats().failed_events == 1
+            p.delete(e.id)
+            assert p.get(e.id) is None and p.stats().total_events == 0
+        finally:
+            p.drop()
+
+
+def test_unknown_status__refused_before_anything_is_written(
+        redis_url: str, unique_name: str) -> None:
+    """An event whose status is not an ``EventStatus`` fails the whole batch up front with
+    ``EventValidationError`` naming it; nothing of the batch is stored or published."""
+    from sqlalchemy_eventbroker import EventFilter, new_event
+    from sqlalchemy_eventbroker.errors import EventValidationError
+
+    with RedisProvider(redis_url, stream_name=f"test:{unique_name}") as p:
+        try:
+            good, bad = (new_event("database", "public.t.create") for _ in range(2))
+            bad.status = "Done"  # type: ignore[assignment]
+            with pytest.raises(EventValidationError, match=bad.id):
+                p.store_and_publish_many([good, bad])
+            assert p.list(EventFilter()) == []
+            assert p.stats().provider_specific["stream_length"] == 0
+        finally:
+            p.drop()

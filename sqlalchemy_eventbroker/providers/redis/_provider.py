@@ -33,6 +33,7 @@ log = logging.getLogger("sqlalchemy_eventbroker.providers.redis")
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _US = dt.timedelta(microseconds=1)
 _UPDATES_PER_CALL = 500
+_STATUSES = frozenset(EventStatus)
 
 
 def _micros(t: dt.datetime) -> int:
@@ -42,10 +43,6 @@ def _micros(t: dt.datetime) -> int:
 def _parse_id(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
-
-
-def _iso(t: dt.datetime | None) -> str:
-    return t.isoformat() if t is not None else ""
 
 
 def _event_from_hash(h: dict[str, str]) -> Event:
@@ -157,6 +154,9 @@ class RedisProvider(RemoteProvider[_FanoutStream]):
         self._index_key = f"{stream_name}:index"
         self._counts_key = f"{stream_name}:counts"
         self._event_prefix = f"{stream_name}:ev:"
+        self._keys = [stream_name]  # the scripts name the other keys from it
+        # The first argument of every WRITE call: 'max_events,maxlen,publish'.
+        self._write_settings = {p: f"{max_events},{maxlen},{int(p)}" for p in (False, True)}
         self._reader: threading.Thread | None = None
         self._reader_client: Any = None
         self._reader_wake = threading.Condition(self._lock)
@@ -189,28 +189,36 @@ class RedisProvider(RemoteProvider[_FanoutStream]):
 
     def _write(self, events: Sequence[Event], *, publish: bool, origin: str = "") -> None:
         """Store ``events`` (and ``XADD`` them when ``publish``): one ``WRITE`` call per
-        ``batch_size`` events, pipelined when several, so one round trip in all. Six
-        arguments per event and no per-event key: packing them is the client's main cost."""
+        ``batch_size`` events, pipelined when several, so one round trip in all. Three
+        arguments per event (see ``_scripts.WRITE``): packing arguments is the client's main
+        cost.
+
+        Raises:
+            EventValidationError: an event's status is not an ``EventStatus`` (checked before
+                anything is written: the script cannot stop half way).
+        """
         self._check_open()
         if not events:
             return
-        head: list[Any] = [self.max_events, self._event_prefix, self.maxlen, origin,
-                           1 if publish else 0]
-        keys = [self._index_key, self._counts_key, self.stream_name]
+        head: list[Any] = [self._write_settings[publish], origin]
         calls = []
         for i in range(0, len(events), self.batch_size):
             args = list(head)
             for e in events[i:i + self.batch_size]:  # a snapshot: later changes are not seen
-                args += (e.id, _micros(e.created_at), e.type, str(e.status),
-                         _iso(e.processed_at), e.to_json())
+                if e.status not in _STATUSES:
+                    raise EventValidationError(
+                        f"event {e.id}: status {e.status!r} is not an EventStatus")
+                processed = e.processed_at.isoformat() if e.processed_at is not None else ""
+                args += (f"{_micros(e.created_at)},{e.status},{processed},{e.id}", e.type,
+                         e.to_json())
             calls.append(args)
         with self._translate_errors():
             if len(calls) == 1:
-                self._write_script(keys=keys, args=calls[0])
+                self._write_script(keys=self._keys, args=calls[0])
             else:
                 pipe = self._client.pipeline(transaction=False)
                 for args in calls:
-                    self._write_script(keys=keys, args=args, client=pipe)
+                    self._write_script(keys=self._keys, args=args, client=pipe)
                 pipe.execute()
         if publish:
             self._count_published(len(events))
@@ -282,21 +290,20 @@ class RedisProvider(RemoteProvider[_FanoutStream]):
         if not updates:
             return
         now = dt.datetime.now(dt.UTC).isoformat()
-        keys = [self._counts_key]
         calls = []
         for i in range(0, len(updates), _UPDATES_PER_CALL):
-            args: list[Any] = [now, self._event_prefix]
+            args: list[Any] = [now]
             for u in updates[i:i + _UPDATES_PER_CALL]:
-                args += (u.event_id, str(EventStatus(u.status)), u.error,
-                         "" if u.retry_count is None else int(u.retry_count))
+                retry = "" if u.retry_count is None else int(u.retry_count)
+                args += (f"{EventStatus(u.status)},{retry},{u.event_id}", u.error)
             calls.append(args)
         with self._translate_errors():
             if len(calls) == 1:
-                self._update_script(keys=keys, args=calls[0])
+                self._update_script(keys=self._keys, args=calls[0])
                 return
             pipe = self._client.pipeline(transaction=False)
             for args in calls:
-                self._update_script(keys=keys, args=args, client=pipe)
+                self._update_script(keys=self._keys, args=args, client=pipe)
             pipe.execute()
 
     def delete(self, event_id: str) -> None:
