@@ -27,6 +27,23 @@ log = logging.getLogger(__name__)
 
 _ACK_DELAY = 0.05  # longest a batched XACK waits while its member keeps receiving
 
+# KEYS: stream; ARGV: group, this consumer, idle ms -> the consumers deleted: every other one
+# idle at least that long with no pending entries. Atomic, so an entry read between the check
+# and the delete cannot be dropped with its consumer (DELCONSUMER discards pending entries).
+_PRUNE = """
+local pruned = {}
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local f = {}
+  for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
+  if f['name'] ~= ARGV[2] and tonumber(f['pending']) == 0
+      and tonumber(f['idle']) >= tonumber(ARGV[3]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], f['name'])
+    pruned[#pruned + 1] = f['name']
+  end
+end
+return pruned
+"""
+
 
 def interrupt(client: Any) -> None:
     """Wake a thread blocked in a read on ``client`` from another thread.
@@ -54,6 +71,12 @@ class RedisGroupStream(BufferedGroupStream[str]):
     another thread can wake it by shutting that connection down. Acknowledgements issued while
     the member is blocked in a read are batched and sent when the read returns (at most
     ``block`` seconds later); otherwise ``ack`` sends its ``XACK`` at once.
+
+    Dead members' consumers are pruned: a member killed without ``close()`` leaves its
+    consumer in the group; once others reclaimed its entries (``XAUTOCLAIM`` after the
+    lease), a consumer with nothing pending and idle for ``prune_idle`` seconds (10 leases,
+    at least 10 blocking reads: a live member reads every ``block`` seconds, and one with
+    work in flight has entries pending) is deleted by whichever member looks next.
     """
 
     kind = "redis"
@@ -72,6 +95,10 @@ class RedisGroupStream(BufferedGroupStream[str]):
         self._claim_cursor = "0-0"
         self._next_claim = 0.0
         self._claim_every = max(0.05, lease / 4)
+        #: Seconds a consumer without pending entries stays idle before it is pruned.
+        self.prune_idle = max(10 * lease, 10 * provider.block)
+        self._next_prune = 0.0
+        self._prune_script = provider._client.register_script(_PRUNE)
         with provider._translate_errors():
             self._create_group("$")
 
@@ -116,6 +143,9 @@ class RedisGroupStream(BufferedGroupStream[str]):
                 self._next_claim = now  # more to reclaim: keep going on the next round
             if self._accept(res[1]):
                 return
+        if now >= self._next_prune:
+            self._next_prune = now + self.prune_idle / 2
+            self.prune()
         block = int(wait * 1000)
         self._receiving = True
         try:
@@ -151,6 +181,16 @@ class RedisGroupStream(BufferedGroupStream[str]):
             with self._lock:
                 self._pending_acks.extend(skipped)
         return accepted
+
+    def prune(self) -> list[str]:
+        """Delete the group's dead consumers now (see the class docstring); their names."""
+        pruned = [str(c) for c in self._prune_script(
+            keys=[self._p.stream_name],
+            args=[self.name, self.consumer, int(self.prune_idle * 1000)])]
+        if pruned:
+            log.info("redis group %s: pruned %d dead consumer(s): %s", self.name, len(pruned),
+                     ", ".join(pruned))
+        return pruned
 
     # -- acknowledging ---------------------------------------------------------------------
 
