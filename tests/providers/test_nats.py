@@ -249,3 +249,157 @@ def test_limits__refused_before_sending_connection_stays_usable(
     finally:
         p.drop()
         p.close()
+
+
+def _counts(p: NatsProvider) -> tuple[int, int]:
+    """(stream messages, status entries) on the server now."""
+    specific = p.stats().provider_specific
+    return int(specific["stream_messages"]), int(specific["status_messages"])  # type: ignore[arg-type]
+
+
+def test_one_message_per_event__publish_and_status(nats_url: str, unique_name: str) -> None:
+    """Publishing N events sends N stream messages and nothing else (the message is the stored
+    copy); each status change adds one status entry, without rewriting the event."""
+    from sqlalchemy_eventbroker import EventFilter, EventSource, EventStatus, new_event
+    from sqlalchemy_eventbroker.providers.base import StatusUpdate
+
+    with NatsProvider(nats_url, stream_name=f"T{unique_name}", storage="memory") as p:
+        try:
+            events = [new_event(EventSource.SYSTEM, "a.b.c", {"i": i}) for i in range(250)]
+            p.store_and_publish_many(events)
+            assert _counts(p) == (250, 0)
+            p.update_status_many([StatusUpdate(e.id, EventStatus.COMPLETED, "", 0)
+                                  for e in events])
+            assert _counts(p) == (250, 250)
+            p.update_status(events[0].id, EventStatus.FAILED, "boom", retry_count=2)
+            assert _counts(p) == (250, 251)
+            listed = p.list(EventFilter())
+            assert [e.id for e in listed] == [e.id for e in events]
+            assert (listed[0].status, listed[0].error, listed[0].retry_count) == (
+                EventStatus.FAILED, "boom", 2)
+            assert all(e.status is EventStatus.COMPLETED for e in listed[1:])
+        finally:
+            p.drop()
+
+
+def test_store__stored_only_never_reaches_subscribers(nats_url: str, unique_name: str) -> None:
+    """``store()`` stores without publishing: a fan-out stream, a group and a raw subscriber
+    of ``<prefix>.>`` never see the event, while ``get`` and ``list`` do."""
+    import asyncio
+
+    import nats as nats_client
+
+    from sqlalchemy_eventbroker import EventFilter, EventSource, new_event
+
+    name = f"T{unique_name}"
+    with NatsProvider(nats_url, stream_name=name, storage="memory") as p:
+        try:
+            stream = p.stream("*")
+            group = p.group_stream("*", "g", lease=5)
+            stored, published = (new_event(EventSource.SYSTEM, "a.b.c", {"i": i})
+                                 for i in range(2))
+            p.store(stored)
+            p.publish(published)
+
+            async def raw_subjects() -> list[str]:
+                nc = await nats_client.connect(nats_url)
+                sub = await nc.jetstream().subscribe(f"{name}.>", stream=name,
+                                                     ordered_consumer=True,
+                                                     deliver_policy=None)
+                subjects = []
+                try:
+                    while True:
+                        msg = await sub.next_msg(timeout=1)
+                        subjects.append(msg.subject)
+                except nats_client.errors.TimeoutError:
+                    return subjects
+                finally:
+                    await nc.close()
+
+            got = stream.receive(timeout=5)
+            assert got is not None and got.id == published.id
+            delivery = group.receive(timeout=5)
+            assert delivery is not None and delivery.event.id == published.id
+            delivery.ack()
+            assert stream.receive(timeout=0.5) is None
+            assert group.receive(timeout=0.5) is None
+            assert asyncio.run(raw_subjects()) == [f"{name}.a.b.c"]
+            assert p.get(stored.id) == stored
+            assert {e.id for e in p.list(EventFilter())} == {stored.id, published.id}
+            stream.close()
+            group.close()
+        finally:
+            p.drop()
+
+
+def test_store_again__replaces_event_and_status(nats_url: str, unique_name: str) -> None:
+    """Storing an id again replaces the event and resets its status (status entries older
+    than the latest copy are not applied); ``delete`` removes every copy and the statuses."""
+    from sqlalchemy_eventbroker import EventFilter, EventSource, EventStatus, new_event
+
+    with NatsProvider(nats_url, stream_name=f"T{unique_name}", storage="memory") as p:
+        try:
+            e = new_event(EventSource.SYSTEM, "a.b.c", {"v": 1})
+            p.publish(e)
+            p.update_status(e.id, EventStatus.FAILED, "boom", retry_count=3)
+            assert p.get(e.id).status is EventStatus.FAILED  # type: ignore[union-attr]
+            import time
+
+            time.sleep(1.1)  # status entries within 1 s of a copy count as its own (clock skew)
+            e.payload = {"v": 2}
+            p.publish(e)
+            got = p.get(e.id)
+            assert got is not None and got.payload == {"v": 2}
+            assert (got.status, got.error, got.retry_count) == (EventStatus.PENDING, "", 0)
+            assert [x.payload for x in p.list(EventFilter())] == [{"v": 2}]
+            p.update_status(e.id, EventStatus.COMPLETED)
+            assert p.get(e.id).status is EventStatus.COMPLETED  # type: ignore[union-attr]
+            p.delete(e.id)
+            assert p.get(e.id) is None and p.list(EventFilter()) == []
+            assert _counts(p)[0] == 0
+        finally:
+            p.drop()
+
+
+def test_stream_of_an_earlier_version__gets_the_stored_subjects(
+        nats_url: str, unique_name: str) -> None:
+    """A stream created by an earlier version (only ``<prefix>.>``) is given the stored-only
+    subjects on connect, and works."""
+    import asyncio
+
+    import nats as nats_client
+    from nats.js import api
+
+    from sqlalchemy_eventbroker import EventSource, new_event
+
+    name = f"T{unique_name}"
+
+    async def old_stream() -> None:
+        nc = await nats_client.connect(nats_url)
+        await nc.jetstream().add_stream(api.StreamConfig(
+            name=name, subjects=[f"{name}.>"], storage=api.StorageType.MEMORY))
+        await nc.close()
+
+    asyncio.run(old_stream())
+    with NatsProvider(nats_url, stream_name=name, storage="memory") as p:
+        try:
+            e = new_event(EventSource.SYSTEM, "a.b.c")
+            p.store(e)
+            assert p.get(e.id) == e
+        finally:
+            p.drop()
+
+
+def test_id_time__uuid7_only() -> None:
+    """The read start of ``get`` comes from a UUIDv7 id's time; other ids have none."""
+    import datetime as dt
+
+    from sqlalchemy_eventbroker import EventSource, new_event
+    from sqlalchemy_eventbroker.providers.nats._store import id_time
+
+    e = new_event(EventSource.SYSTEM, "a.b.c")
+    made = id_time(e.id)
+    assert made is not None and abs(made - e.created_at) < dt.timedelta(seconds=1)
+    assert id_time("00000000-0000-7000-8000-000000000000") is None
+    assert id_time("6f1c4a3e-8a2b-4c1d-9e0f-123456789abc") is None  # UUIDv4
+    assert id_time("not-an-id") is None
