@@ -11,12 +11,16 @@ from __future__ import annotations
 import datetime as dt
 import os
 import pathlib
+import queue
 import shutil
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import IO
 
 import pytest
 import sqlalchemy as sa
@@ -35,6 +39,29 @@ def run(*args: str, cwd: str | os.PathLike[str] | None = None,
     assert EVENTBROKER, "the eventbroker console script is not installed in this environment"
     return subprocess.run([EVENTBROKER, *args], capture_output=True, text=True, cwd=cwd,
                           timeout=timeout, check=False)
+
+
+def read_lines(stream: IO[str], n: int, timeout: float = 30) -> list[str]:
+    """The next ``n`` lines of ``stream``, waiting at most ``timeout`` seconds in all (a reader
+    thread, so that a process that prints nothing fails the test instead of hanging it)."""
+    got: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        for _ in range(n):
+            line = stream.readline()
+            if not line:
+                return
+            got.put(line)
+
+    threading.Thread(target=read, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    lines: list[str] = []
+    while len(lines) < n:
+        try:
+            lines.append(got.get(timeout=max(0.0, deadline - time.monotonic())))
+        except queue.Empty:
+            raise AssertionError(f"after {timeout} s, {len(lines)} of {n} lines: {lines!r}") from None
+    return lines
 
 
 def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:

@@ -11,12 +11,11 @@ import pathlib
 import signal
 import subprocess
 import sys
-import threading
 
 import pytest
 
 from sqlalchemy_eventbroker import Event, EventStatus, new_event
-from tests.cli.conftest import EVENTBROKER, Seeded, one_line_error, run
+from tests.cli.conftest import EVENTBROKER, Seeded, one_line_error, read_lines, run
 
 
 def _json_lines(out: str) -> list[dict[str, object]]:
@@ -166,31 +165,18 @@ def test_events_tail_follows_live_events(seeded: Seeded) -> None:
     proc = subprocess.Popen([EVENTBROKER, "events", "tail", "--url", seeded.url, "--table-name",
                              table, "--json", "--type", "live.*.*"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    got_three = threading.Event()
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if len(lines) >= 3:
-                got_three.set()
-
     try:
-        assert proc.stderr is not None
-        ready = proc.stderr.readline()  # printed once its stream is open
+        assert proc.stderr is not None and proc.stdout is not None
+        ready = read_lines(proc.stderr, 1)[0]  # printed once its stream is open
         assert ready.startswith("following 'live.*.*'"), ready
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
         sent = [new_event("internal", f"live.item.{n}") for n in ("a", "b", "c")]
         p.store_and_publish_many([new_event("internal", "other.item.x")])
         for e in sent:
             p.publish(e)
-        assert got_three.wait(30), f"tail printed {lines!r}"
+        lines = read_lines(proc.stdout, 3)  # each flushed as it came, through a pipe
         assert [json.loads(line)["id"] for line in lines] == [e.id for e in sent]
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
-        reader.join(timeout=10)
         rest = proc.stderr.read()
         assert "Traceback" not in rest and rest == "", rest
     finally:
