@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
+import datetime as dt
 import json
 import pathlib
+import subprocess
+import sys
 
 import pytest
 import sqlalchemy as sa
 import yaml
 
 from sqlalchemy_eventbroker.cli import URL_ENV, main
+from sqlalchemy_eventbroker.cli._common import Progress, parse_time
 from sqlalchemy_eventbroker.config import EventBrokerConfig
 
 # -- usage ---------------------------------------------------------------------------------------
@@ -36,7 +41,7 @@ def test_main__usage_error_is_two(argv: list[str], capsys: pytest.CaptureFixture
     assert "error" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("group", ["migrate", "config", "events"])
+@pytest.mark.parametrize("group", ["migrate", "config", "events", "dlq", "groups"])
 def test_main__group_without_action_prints_its_help(
     group: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -320,3 +325,65 @@ def test_redact_text__every_form_of_the_secret() -> None:
     out = redact_text(text, url)
     for secret in ("p@ss123", "p%40ss123", "S3cr", "T0ken9"):
         assert secret not in out
+
+
+# -- times and progress (API.md section 10: T, and the bar on a terminal only) -------------------
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("15m", 900), ("24h", 86400), ("30d", 2592000),
+                                               ("90s", 90), ("1h30m", 5400), ("2w", 1209600)])
+def test_parse_time__durations_count_back_from_now(text: str, seconds: int) -> None:
+    now = dt.datetime(2026, 1, 31, 12, tzinfo=dt.UTC)
+    assert parse_time(text, now=now) == now - dt.timedelta(seconds=seconds)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("2026-01-02T03:04:05Z", dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)),
+    ("2026-01-02T03:04:05+02:00", dt.datetime(2026, 1, 2, 1, 4, 5, tzinfo=dt.UTC)),
+    ("2026-01-02", dt.datetime(2026, 1, 2, tzinfo=dt.UTC)),  # naive: UTC
+])
+def test_parse_time__iso_8601(text: str, expected: dt.datetime) -> None:
+    assert parse_time(text) == expected
+
+
+@pytest.mark.parametrize("text", ["yesterday", "15", "5x", "m15", ""])
+def test_parse_time__anything_else_is_a_usage_error(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="ISO-8601"):
+        parse_time(text)
+
+
+def test_progress__a_bar_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Piped stderr: nothing at all. A terminal with tqdm: a bar on stderr, never stdout."""
+    bar = Progress("purge")
+    bar.start(3)
+    bar.update(3)
+    bar.close()
+    assert capsys.readouterr() == ("", "")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    bar = Progress("purge")
+    bar.start(3)
+    bar.update(3)
+    bar.close()
+    out, err = capsys.readouterr()
+    assert out == "" and "purge:" in err and "/3 " in err  # cleared at the end (leave=False)
+
+
+def test_progress__without_tqdm_no_bar(monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """tqdm is the optional [cli] extra: without it the work runs the same, with no bar."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now raises ImportError
+    bar = Progress("replay")
+    bar.start(None)
+    bar.update(1)
+    bar.close()
+    assert capsys.readouterr() == ("", "")
+
+
+def test_cli__tqdm_is_imported_lazily() -> None:
+    """Importing the command line (or running a command that shows no bar) loads no tqdm."""
+    code = ("import sys; from sqlalchemy_eventbroker.cli import main; "
+            "main(['--help']); assert 'tqdm' not in sys.modules")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          check=False).returncode == 0
