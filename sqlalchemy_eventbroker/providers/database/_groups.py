@@ -37,9 +37,11 @@ __all__ = ["DbDelivery", "DbGroupStream", "GroupStore"]
 
 logger = logging.getLogger(__name__.rpartition("._")[0])
 
-#: Acknowledgements written at once when this many are pending (else after _ACK_DELAY s).
+#: Acknowledgements written at once when this many are pending (else after _ACK_DELAY s,
+#: unless the member's next claim carried them first: a busy member claims every few ms, so
+#: its acknowledgements cost no statement of their own).
 _ACK_BATCH = 256
-_ACK_DELAY = 0.005
+_ACK_DELAY = 0.05
 #: A member that handed out its last batch within this many seconds claims twice as many
 #: next time (at most `prefetch`); a slower one claims one at a time.
 _PREFETCH_HORIZON = 0.05
@@ -233,7 +235,7 @@ class DbDelivery:
     def ack(self) -> None:
         """Done: the claim is deleted, so the group never sees the event again.
 
-        Deferred by a few milliseconds and written together with other acknowledgements (or
+        Deferred by ~50 ms and written together with other acknowledgements (or
         with the stream's next claim); ``close()`` writes what is still pending. Until it is
         written the event stays leased to this member, so at worst (a crash in between) it is
         delivered again: at-least-once.
@@ -260,7 +262,7 @@ class DbGroupStream(Closeable):
     trip over up to ``prefetch`` events. Leases count from the claim; a buffered delivery whose
     lease is half gone is renewed (with the rest of the buffer, one statement) before it is
     handed out, and dropped if the lease was lost meanwhile. Acknowledgements are deferred a
-    few milliseconds and written in one statement, or with the next claim.
+    ~50 ms and written in one statement, or with the next claim.
 
     While it finds nothing it waits for a wake-up, but never longer than ``idle`` seconds (the
     backstop: a lost wake-up delays delivery, and expired leases of dead members are noticed).
@@ -448,8 +450,9 @@ class DbGroupStream(Closeable):
 
 
 class _AckFlusher:
-    """Writes the deferred acknowledgements of a provider's group streams, ~5 ms after the
-    first one of a batch arrived. A failed write keeps them pending and is retried."""
+    """Writes the deferred acknowledgements of a provider's group streams, ``_ACK_DELAY``
+    after the first one of a batch arrived. A failed write keeps them pending and is
+    retried."""
 
     def __init__(self, store: GroupStore) -> None:
         self._store = store
@@ -479,7 +482,11 @@ class _AckFlusher:
                 if self._stopping:
                     return
                 self._asked = False
-                self._cond.wait(_ACK_DELAY)  # let a few gather (stop() cuts it short)
+                # Let a few gather, or ride along with the member's next claim; a later
+                # request() must not cut this short (each new batch asks), only stop() does.
+                until = time.monotonic() + _ACK_DELAY
+                while not self._stopping and (left := until - time.monotonic()) > 0:
+                    self._cond.wait(left)
             failed = False
             for s in self._store.pending_streams():
                 try:
