@@ -68,9 +68,10 @@ class RedisGroupStream(BufferedGroupStream[str]):
     """A consumer of the Redis consumer group ``<consumer_group>:<group>:<pattern>``.
 
     Each member has its own connection for the blocking ``XREADGROUP`` so that ``close()`` from
-    another thread can wake it by shutting that connection down. Acknowledgements issued while
-    the member is blocked in a read are batched and sent when the read returns (at most
-    ``block`` seconds later); otherwise ``ack`` sends its ``XACK`` at once.
+    another thread can wake it by shutting that connection down. Acknowledgements are batched:
+    those issued while the member works through a fetched batch go out with its next read
+    (``XACK`` and ``XREADGROUP`` pipelined, one round trip) or after ``_ACK_DELAY``; with
+    nothing buffered and no read under way, ``ack`` sends its ``XACK`` at once.
 
     Dead members' consumers are pruned: a member killed without ``close()`` leaves its
     consumer in the group; once others reclaimed its entries (``XAUTOCLAIM`` after the
@@ -113,8 +114,9 @@ class RedisGroupStream(BufferedGroupStream[str]):
     # -- receiving -----------------------------------------------------------------------------
 
     def _before_take(self) -> None:
-        if self._pending_acks and (time.monotonic() - self._acks_since >= _ACK_DELAY
-                                   or not self._buffer):
+        # With an empty buffer the next _fill sends the acks with its read (one round trip).
+        if self._pending_acks and self._buffer and (
+                time.monotonic() - self._acks_since >= _ACK_DELAY):
             with contextlib.suppress(*self._p.driver_errors):  # kept for the next try
                 self._flush_acks(translate=False)
 
@@ -131,9 +133,9 @@ class RedisGroupStream(BufferedGroupStream[str]):
     def _fill(self, wait: float) -> None:
         """One round of reclaiming and reading into the buffer (blocks up to ``wait``)."""
         p = self._p
-        self._flush_acks(translate=False)
         now = time.monotonic()
         if now >= self._next_claim:
+            self._flush_acks(translate=False)
             self._next_claim = now + self._claim_every
             res = self._client.xautoclaim(p.stream_name, self.name, self.consumer,
                                           min_idle_time=int(self.lease * 1000),
@@ -146,17 +148,26 @@ class RedisGroupStream(BufferedGroupStream[str]):
         if now >= self._next_prune:
             self._next_prune = now + self.prune_idle / 2
             self.prune()
+        # The acknowledgements waiting so far go in the same round trip as the read.
+        with self._lock:
+            acks, self._pending_acks = self._pending_acks, []
+        pipe = self._client.pipeline(transaction=False)
+        if acks:
+            pipe.xack(p.stream_name, self.name, *acks)
         block = int(wait * 1000)
+        pipe.xreadgroup(self.name, self.consumer, {p.stream_name: ">"}, count=p.batch_size,
+                        block=block if block > 0 else None)
         self._receiving = True
         try:
-            resp = self._client.xreadgroup(self.name, self.consumer,
-                                           {p.stream_name: ">"}, count=p.batch_size,
-                                           block=block if block > 0 else None)
+            resp = pipe.execute()[-1]
+        except BaseException:
+            with self._lock:  # not known to be written: kept for the next attempt
+                self._pending_acks[:0] = acks
+            raise
         finally:
             self._receiving = False
         for _name, entries in resp or ():
             self._accept(entries)
-        self._flush_acks(translate=False)
 
     def _accept(self, entries: Sequence[tuple[str, dict[str, str] | None]]) -> int:
         """Buffer the matching entries; queue acks for the rest. Returns how many matched."""
