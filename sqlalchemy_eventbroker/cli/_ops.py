@@ -141,14 +141,14 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 86400:.1f}d"
 
 
-def _print_groups(groups: list[GroupStats]) -> None:
+def _print_groups(groups: list[GroupStats], indent: str = "") -> None:
     rows = [("GROUP", "PATTERN", "PENDING", "IN-FLIGHT", "OLDEST", "MEMBERS")] + [
         (g.group, g.pattern, str(g.pending), str(g.in_flight), _age(g.oldest_unclaimed_age_s),
          str(g.members)) for g in groups]
     widths = [max(len(r[i]) for r in rows) for i in range(6)]
     for r in rows:
-        print("  ".join(c.ljust(w) if i < 2 else c.rjust(w)
-                        for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip())
+        print(indent + "  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                                 for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip())
 
 
 def _groups_list(args: argparse.Namespace) -> int:
@@ -187,7 +187,7 @@ def _stats(args: argparse.Namespace) -> int:
         if s.groups:
             out.write("groups\n")
             out.flush()
-            _print_groups(s.groups)
+            _print_groups(s.groups, indent="  ")
         else:
             out.write("groups          none\n")
     return 0
