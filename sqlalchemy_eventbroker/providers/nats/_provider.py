@@ -9,7 +9,7 @@ import datetime as dt
 import logging
 import re
 import threading
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any, ClassVar
 
 import nats.errors
@@ -54,8 +54,8 @@ log = logging.getLogger("sqlalchemy_eventbroker.providers.nats")
 
 _ORIGIN = "Eventbroker-Origin"
 _STATUS_LOOKUPS = 64  # list(): up to this many events, their statuses are looked up one by one
-#: Longest a scan (list, stats) may run in all; each read also fails after ``request_timeout``
-#: seconds without progress.
+#: Longest a scan (get, list, stats, delete) may run in all; each read also fails after twice
+#: ``request_timeout`` seconds without progress.
 _SCAN_BUDGET = 3600.0
 #: ``get``/``delete`` first read from this long before the time in the event's id.
 _NEAR = dt.timedelta(seconds=2)
@@ -63,8 +63,9 @@ _NEAR = dt.timedelta(seconds=2)
 #: room for the rest of the ``HPUB`` line (reply inbox, sizes). A longer one makes the server
 #: drop the whole connection, so it is refused here, before anything is sent.
 MAX_SUBJECT_BYTES = 3840
-#: Bytes kept free in ``max_payload`` for the headers of a stream message (origin, ids).
-_HEADER_ROOM = 256
+#: Bytes kept free in ``max_payload`` for the headers of a stream message: the event id and the
+#: origin (an instance id, up to 255 characters).
+_HEADER_ROOM = 512
 _PUTS_IN_FLIGHT = 1000  # puts (and publishes) written before their acks are awaited
 
 
@@ -368,6 +369,12 @@ class NatsProvider(RemoteProvider[_NatsFanoutStream]):
         events.sort(key=lambda e: (e.created_at, e.id))
         events = events[filter.offset:]
         return events[:filter.limit] if filter.limit else events
+
+    def iter_events(self, filter: EventFilter | None = None) -> Iterator[Event]:
+        """What ``list(filter)`` returns, from ONE read: paging by ``list`` would read the
+        stream once per page (stream order is not ``created_at`` order, so a page cannot start
+        where the last ended). Memory holds the selected events, as one ``list`` would."""
+        yield from self.list(filter or EventFilter())
 
     def update_status_many(self, updates: Sequence[StatusUpdate]) -> None:
         """Append one status entry per update (see ``update_status``), all in flight at once,

@@ -188,7 +188,8 @@ async def read_stream(js: Any, stream: str, subject: str, *, start: dt.datetime 
     so it finishes while publishers keep publishing.
 
     Raises:
-        TimeoutError: no message arrived for ``progress_timeout`` seconds before the end.
+        TimeoutError: no message arrived for ``progress_timeout`` seconds before the end
+            while the server still had messages for the read.
     """
     last = (await js.stream_info(stream)).state.last_seq
     if not last:
@@ -219,6 +220,8 @@ async def read_stream(js: Any, stream: str, subject: str, *, start: dt.datetime 
         seen = -1
         while not done.done():
             if len(msgs) == seen:
+                if (await sub.consumer_info()).num_pending == 0:
+                    break  # the messages after the last one read were deleted meanwhile
                 raise TimeoutError(f"reading stream {stream} stalled after {seen} messages")
             seen = len(msgs)
             await asyncio.wait((done,), timeout=progress_timeout)
