@@ -275,3 +275,33 @@ def test_unknown_status__refused_before_anything_is_written(
             assert p.stats().provider_specific["stream_length"] == 0
         finally:
             p.drop()
+
+
+def test_unreadable_stream_entry__skipped_and_logged_by_the_fanout_reader(
+        redis_url: str, unique_name: str, caplog: pytest.LogCaptureFixture) -> None:
+    """An entry of the stream that is not an event (written by another program) is logged
+    with its entry id and skipped; the entries around it, in the same read, are delivered."""
+    import logging
+
+    import redis
+
+    from sqlalchemy_eventbroker import new_event
+
+    stream = f"test:{unique_name}"
+    with RedisProvider(redis_url, stream_name=stream, block=0.5) as p:
+        try:
+            s = p.stream("public.**")
+            before, after = (new_event("database", "public.t.create") for _ in range(2))
+            raw = redis.Redis.from_url(redis_url, decode_responses=True)
+            pipe = raw.pipeline(transaction=True)  # one read sees all three
+            pipe.xadd(stream, {"t": "public.t.create", "e": before.to_json()})
+            pipe.xadd(stream, {"t": "public.t.create", "e": "{not json"})
+            pipe.xadd(stream, {"t": "public.t.create", "e": after.to_json()})
+            bad_id = pipe.execute()[1]
+            raw.close()
+            with caplog.at_level(logging.ERROR, logger="sqlalchemy_eventbroker.providers.redis"):
+                got = [s.receive(timeout=5), s.receive(timeout=5)]
+            assert [e.id if e else None for e in got] == [before.id, after.id]
+            assert bad_id in caplog.text and "unreadable entry" in caplog.text
+        finally:
+            p.drop()

@@ -173,13 +173,15 @@ class RedisProvider(RemoteProvider[_FanoutStream]):
         self._renew_script = self._client.register_script(_scripts.RENEW)
         self._retire_script = self._client.register_script(_scripts.RETIRE)
 
-    def _new_client(self, retries: int) -> Any:
+    def _new_client(self, retries: int, *, decode: bool = True) -> Any:
+        """A client of its own; ``decode=False`` answers ``bytes`` (the fan-out reader decodes
+        only the fields it uses, not every name and value of every entry)."""
         # Typed Any: redis-py's stubs cannot tell decode_responses=True clients return str.
         retry = (Retry(ExponentialBackoff(cap=0.5, base=0.05), retries) if retries
                  else Retry(NoBackoff(), 0))
         return redis.Redis.from_url(
             self.url,
-            decode_responses=True,
+            decode_responses=decode,
             socket_connect_timeout=self.connect_timeout,
             socket_timeout=self.block + 10.0,
             retry=retry,
@@ -336,7 +338,7 @@ class RedisProvider(RemoteProvider[_FanoutStream]):
             self._check_open()
             self._streams.append(s)
             if self._reader is None:
-                self._reader_client = self._new_client(retries=0)
+                self._reader_client = self._new_client(retries=0, decode=False)
                 self._reader = QuietThread(target=self._read_loop,
                                            name=f"eventbroker-redis-{self.stream_name}",
                                            daemon=True)
@@ -376,26 +378,48 @@ class RedisProvider(RemoteProvider[_FanoutStream]):
                 streams = list(self._streams)
             delivered = 0
             for _name, entries in resp or ():
-                for entry_id, fields in entries:
-                    cursor = entry_id
-                    key = _parse_id(entry_id)
-                    etype = fields.get("t", "")
-                    origin = fields.get("o")
-                    targets = [s for s in streams if key > s.start and s.wants(etype)
-                               and (origin is None or s.exclude_origin != origin)]
-                    if not targets:
-                        continue
-                    try:
-                        event = Event.from_json(fields["e"])
-                    except Exception:
-                        log.exception("redis at %s: unreadable entry %s", self._address,
-                                      entry_id)
-                        continue
-                    for i, s in enumerate(targets):
-                        s._put(event if i == 0 else event.clone())
-                    delivered += len(targets)
+                if entries:
+                    cursor = entries[-1][0].decode()
+                    delivered += self._dispatch(entries, streams)
             if delivered:
                 self._count_consumed(delivered)
+
+    def _dispatch(self, entries: Sequence[tuple[bytes, dict[bytes, bytes]]],
+                  streams: Sequence[_FanoutStream]) -> int:
+        """Hand each entry to the open streams that want it; returns how many got one.
+
+        Entry ids grow, so when every stream started before the first entry the start check
+        is settled for the whole batch and the targets depend only on (type, origin): they
+        are worked out once per pair, not once per entry. An entry is parsed only when some
+        stream takes it.
+        """
+        first = _parse_id(entries[0][0].decode())
+        settled = all(s.start < first for s in streams)
+        memo: dict[tuple[bytes, bytes | None], list[_FanoutStream]] = {}
+        delivered = 0
+        for entry_id, fields in entries:
+            t, origin = fields.get(b"t", b""), fields.get(b"o")
+            targets = memo.get((t, origin)) if settled else None
+            if targets is None:
+                etype = t.decode(errors="replace")
+                o = origin.decode(errors="replace") if origin is not None else None
+                key = first if settled else _parse_id(entry_id.decode())
+                targets = [s for s in streams if key > s.start and s.wants(etype)
+                           and (o is None or s.exclude_origin != o)]
+                if settled:
+                    memo[(t, origin)] = targets
+            if not targets:
+                continue
+            try:
+                event = Event.from_json(fields[b"e"].decode())
+            except Exception:
+                log.exception("redis at %s: unreadable entry %s", self._address,
+                              entry_id.decode(errors="replace"))
+                continue
+            for i, s in enumerate(targets):
+                s._put(event if i == 0 else event.clone())
+            delivered += len(targets)
+        return delivered
 
     def _open_group(self, pattern: str, group: str, lease: float) -> RedisGroupStream:
         return RedisGroupStream(self, pattern, group, lease)
