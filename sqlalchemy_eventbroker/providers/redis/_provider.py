@@ -451,8 +451,8 @@ class RedisProvider(RemoteProvider[_FanoutStream]):
                 for g in groups
                 if str(g.get("name", "")).startswith(self.consumer_group + ":")
             }
-        done = {st: int((counts or {}).get(st) or 0) if isinstance(counts, dict) else 0
-                for st in ("processing", "completed", "failed")}
+        counted = counts if isinstance(counts, dict) else {}
+        done = {st: int(counted.get(st) or 0) for st in ("processing", "completed", "failed")}
         pending = max(0, int(total) - sum(done.values()))
         return self._stats(total, {"pending": pending, **done}, specific)
 
