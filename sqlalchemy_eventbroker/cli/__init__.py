@@ -10,8 +10,8 @@
     eventbroker stats
 
 Every command takes ``--url URL`` (default ``$EVENTBROKER_DATABASE_URL``) or ``--config FILE``.
-``migrate``, ``groups list`` and ``events purge``'s batched deletes need a database; ``events``,
-``dlq`` and ``stats`` also work on ``redis://`` and ``nats://`` through the Provider protocol.
+``migrate`` and ``groups list`` need a database; ``events``, ``dlq`` and ``stats`` also work on
+``redis://`` and ``nats://`` through the Provider protocol.
 Exit status: 0 done, 1 failed (one line on stderr saying why, never a traceback or a
 password), 2 bad usage. One module per command group: ``_setup`` (migrate, config),
 ``_events``, ``_ops`` (dlq, groups, stats); ``_common`` holds what they share.
@@ -23,10 +23,11 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from urllib.parse import urlsplit
 
 from ..errors import BrokerError, ConfigError, PatternError
-from ..providers._urls import redact_text
-from ._common import URL_ENV, Failed, Usage
+from ..providers._urls import redact_text, redact_url
+from ._common import URL_ENV, Failed, Usage, kind_of
 from ._events import register as _register_events
 from ._ops import register as _register_ops
 from ._setup import register as _register_setup
@@ -79,8 +80,23 @@ def _err(message: str, args: argparse.Namespace) -> None:
     for url in {getattr(args, "url", None), getattr(args, "resolved_url", None),
                 os.environ.get(URL_ENV)}:
         if url:
-            line = redact_text(line, url)
+            line = _mask(line, url)
     print(line, file=sys.stderr, flush=True)
+
+
+def _mask(line: str, url: str) -> str:
+    """``line`` with ``url``'s secrets masked. A database URL's lone user name
+    (``postgresql://postgres@host/db``) is no secret: masking it everywhere would garble the
+    message (``***ql+psycopg://``), so only the URL itself is shown redacted then."""
+    if kind_of(url) == "database":
+        try:
+            parts = urlsplit(url)
+            has_secret = parts.password is not None or "password=" in parts.query.lower()
+        except ValueError:
+            has_secret = True
+        if not has_secret:
+            return line.replace(url, redact_url(url))
+    return redact_text(line, url)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -221,13 +221,18 @@ def event_line(e: Event) -> str:
     return line
 
 
-def print_events(events: list[Event], *, as_json: bool, out: TextIO | None = None) -> None:
+def print_events(events: list[Event], *, as_json: bool, limit: int = 0,
+                 out: TextIO | None = None) -> None:
+    """Events one per line, then a count (saying so when ``limit`` may have cut the list)."""
     stream = out or sys.stdout
     if as_json:
         stream.writelines(e.to_json() + "\n" for e in events)
         return
     stream.writelines(event_line(e) + "\n" for e in events)
-    stream.write(f"({len(events)} event{'s' if len(events) != 1 else ''})\n")
+    n = len(events)
+    counted = f"{n} event{'s' if n != 1 else ''}"
+    stream.write(f"(the first {counted}; --limit 0 for all)\n" if limit and n == limit
+                 else f"({counted})\n")
 
 
 class Progress:

@@ -116,7 +116,7 @@ def _list(args: argparse.Namespace) -> int:
     flt = _filter(args, status=EventStatus(args.status) if args.status else None, limit=args.limit)
     with open_provider(args) as provider:
         events = provider.list(flt)
-    print_events(events, as_json=args.json)
+    print_events(events, as_json=args.json, limit=args.limit)
     return 0
 
 

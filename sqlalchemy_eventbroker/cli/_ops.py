@@ -77,7 +77,7 @@ def _dlq_list(args: argparse.Namespace) -> int:
     flt = EventFilter(status=EventStatus.FAILED, type_pattern=args.type_pattern, limit=args.limit)
     with open_provider(args) as provider:
         events = provider.list(flt)
-    print_events(events, as_json=args.json)
+    print_events(events, as_json=args.json, limit=args.limit)
     return 0
 
 

@@ -56,10 +56,14 @@ def usage(parser: argparse.ArgumentParser) -> Any:
 def _migrate(args: argparse.Namespace) -> int:
     from ..providers._urls import redact_url
     from ..providers.database import downgrade, upgrade
+    from ..providers.database._engine import ErrorTranslator
 
     t = require_database(target(args), "migrate")
     revision = args.revision or args.revision_opt or args.default_rev
-    (upgrade if args.action == "upgrade" else downgrade)(t.url, revision, table_name=t.table_name)
+    # The provider's own translation: "wrong credentials", "database does not exist", ...
+    with ErrorTranslator(redact_url(t.url), t.table_name)():
+        (upgrade if args.action == "upgrade" else downgrade)(t.url, revision,
+                                                              table_name=t.table_name)
     print(f"{args.action} to {revision}: done ({redact_url(t.url)}, table {t.table_name})")
     return 0
 
