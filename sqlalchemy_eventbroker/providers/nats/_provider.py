@@ -280,12 +280,11 @@ class NatsProvider(RemoteProvider[_NatsFanoutStream]):
         if made is not None and not every:
             starts.insert(0, made - _NEAR)
         for start in starts:
-            parts = await asyncio.gather(*(
-                read_stream(self._js, self.stream_name, f"{prefix}.>", start=start,
-                            headers_only=True, progress_timeout=self._scan_timeout())
-                for prefix in (self.subject_prefix, self.stored_prefix)))
-            found = sorted(m.metadata.sequence.stream for part in parts for m in part
-                           if m.headers and m.headers.get(ID_HEADER) == event_id)
+            # "": no subject filter, both subject spaces in one read.
+            msgs = await read_stream(self._js, self.stream_name, "", start=start,
+                                     headers_only=True, progress_timeout=self._scan_timeout())
+            found = [m.metadata.sequence.stream for m in msgs
+                     if m.headers and m.headers.get(ID_HEADER) == event_id]
             if found:
                 return found
         return []
@@ -331,11 +330,14 @@ class NatsProvider(RemoteProvider[_NatsFanoutStream]):
         at ``start_time`` less ``CLOCK_MARGIN``; the rest is filtered here."""
         start = None if flt.start_time is None else \
             flt.start_time - dt.timedelta(seconds=CLOCK_MARGIN)
-        pattern = flt.type_pattern or "*"
+        # No pattern: one read of the whole stream; else one per subject space, filtered.
+        subjects = [""] if not flt.type_pattern else [
+            subject_filter(prefix, flt.type_pattern)
+            for prefix in (self.subject_prefix, self.stored_prefix)]
         parts = await asyncio.gather(*(
-            read_stream(self._js, self.stream_name, subject_filter(prefix, pattern),
-                        start=start, progress_timeout=self._scan_timeout())
-            for prefix in (self.subject_prefix, self.stored_prefix)))
+            read_stream(self._js, self.stream_name, subject, start=start,
+                        progress_timeout=self._scan_timeout())
+            for subject in subjects))
         latest: dict[str, tuple[int, Msg]] = {}
         for part in parts:
             for m in part:

@@ -182,10 +182,10 @@ def fold_status_messages(msgs: Iterable[Msg], wanted: set[str] | None
 
 async def read_stream(js: Any, stream: str, subject: str, *, start: dt.datetime | None = None,
                       headers_only: bool = False, progress_timeout: float = 5.0) -> list[Msg]:
-    """Every message of ``stream`` on ``subject`` (a filter) stored up to now, oldest first,
-    from ``start`` (server time) when given; with ``headers_only`` the bodies stay on the
-    server. One ordered consumer; the read ends at the stream's last sequence as of the start,
-    so it finishes while publishers keep publishing.
+    """Every message of ``stream`` on ``subject`` (a filter; ``""`` for all) stored up to now,
+    oldest first, from ``start`` (server time) when given; with ``headers_only`` the bodies
+    stay on the server. One ordered consumer; the read ends at the stream's last sequence as
+    of the start, so it finishes while publishers keep publishing.
 
     Raises:
         TimeoutError: no message arrived for ``progress_timeout`` seconds before the end
