@@ -33,7 +33,7 @@ Store
       in the id (UUIDv7), from 2 s before it (a hit there is the whole answer: later copies
       are stored later) and only on a miss from ``CLOCK_MARGIN`` (10 minutes, for clock
       differences) before it, then fetches the one message by sequence. Cost grows with the
-      events stored since the event was made (~4 ms for a fresh event, ~40 ms with 1,000
+      events stored since the event was made (~2–4 ms for a fresh event, ~13 ms with 1,000
       stored after it, on the 2-core test machine); an id without a time (not UUIDv7) reads
       the headers of the whole stream. ``delete(id)`` finds every copy from ``CLOCK_MARGIN``
       before and deletes them.
