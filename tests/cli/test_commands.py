@@ -133,13 +133,19 @@ def test_dlq_redrive_purge_and_replay(seeded: Seeded, tmp_path: pathlib.Path) ->
             "    with open('seen.txt', 'a') as f:\n"
             "        f.write(event.type + '\\n')\n"
             "def fail(event):\n"
-            "    raise RuntimeError('no\\nway')\n")
+            "    raise RuntimeError('no\\nway')\n"
+            "async def ahandle(event):\n"
+            "    handle(event)\n")
         proc = run("events", "replay", "--handler", "replay_target:handle", "--type", "a.b.*",
                    "--since", "2021-01-01", *args, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout == "replayed 4 events\n" and proc.stderr == ""  # no bar when piped
         assert sorted((tmp_path / "seen.txt").read_text().split()) == sorted(
             ["a.b.fail"] * 3 + ["a.b.done"])
+        proc = run("events", "replay", "--handler", "replay_target:ahandle", "--json", "--type",
+                   "a.b.done", *args, cwd=tmp_path)  # async def: awaited
+        assert json.loads(proc.stdout) == {"replayed": 1}
+        assert (tmp_path / "seen.txt").read_text().split().count("a.b.done") == 2
         proc = run("events", "replay", "--handler", "replay_target:fail", *args, cwd=tmp_path)
         assert proc.returncode == 1 and "RuntimeError: no way" in one_line_error(proc)
         assert run("events", "replay", "--handler", "nomodule", *args).returncode == 2
