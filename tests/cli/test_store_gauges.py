@@ -74,3 +74,31 @@ def test_gauges__failing_store_reports_down_not_a_failed_scrape(seeded: Seeded) 
     finally:
         broker.stop()
         p.close()
+
+
+def test_group_pending__rows_before_the_group_are_not_owed(postgres_url: str) -> None:
+    """PostgreSQL: events committed before a group was created, while an older transaction was
+    still open, lie past the group's cursor but are "before" it (never claimed): not pending."""
+    import sqlalchemy as sa
+
+    from sqlalchemy_eventbroker.providers.database import DatabaseProvider
+    from sqlalchemy_eventbroker.providers.ops import group_stats
+
+    p = DatabaseProvider(postgres_url)
+    engine = sa.create_engine(postgres_url)
+    try:
+        p.create_schema()
+        with engine.connect() as old:  # an open transaction holding an xid keeps xmin back
+            old.execute(sa.text("SELECT pg_current_xact_id()"))
+            p.store_and_publish_many([new_event("internal", "early.a.b") for _ in range(3)])
+            stream = p.group_stream("early.*.*", "late")
+            (g,) = group_stats(p) or []
+            assert (g.group, g.pending, g.in_flight) == ("late", 0, 0)
+            p.publish(new_event("internal", "early.a.c"))
+            (g,) = group_stats(p) or []
+            assert g.pending == 1
+            old.rollback()
+        stream.close()
+    finally:
+        engine.dispose()
+        p.close()

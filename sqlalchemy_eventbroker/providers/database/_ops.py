@@ -26,6 +26,7 @@ from ...event import EventStatus
 from ...pattern import compile_pattern
 from ._codec import utc
 from ._engine import ErrorTranslator
+from ._reader import Start
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -101,7 +102,8 @@ def group_rows(provider: DatabaseProvider) -> list[GroupRow]:
     with _errors(provider)(), provider.engine.connect() as conn:
         now = _now(conn, provider)
         groups = conn.execute(
-            sa.select(g.c.id, g.c.group_name, g.c.pattern, g.c.cursor_tx, g.c.cursor_seq)
+            sa.select(g.c.id, g.c.group_name, g.c.pattern, g.c.cursor_tx, g.c.cursor_seq,
+                      g.c.start_snapshot)
             .order_by(g.c.group_name, g.c.pattern)
         ).all()
         free = c.c.lease_until <= now
@@ -120,14 +122,20 @@ def group_rows(provider: DatabaseProvider) -> list[GroupRow]:
             )
         }
         out = []
-        for gid, name, pattern, cursor_tx, cursor_seq in groups:
-            past = (sa.tuple_(t.c.tx_id, t.c.seq) > sa.tuple_(sa.literal(cursor_tx), sa.literal(cursor_seq))
-                    if is_pg else t.c.seq > cursor_seq)
+        for gid, name, pattern, cursor_tx, cursor_seq, snapshot in groups:
+            past = [sa.tuple_(t.c.tx_id, t.c.seq) > sa.tuple_(sa.literal(cursor_tx), sa.literal(cursor_seq))
+                    if is_pg else t.c.seq > cursor_seq]
+            if is_pg and snapshot:
+                # Rows visible when the group was created are "before" it and never claimed
+                # (``_reader.Start.before``): past the cursor (tx >= xmin) that leaves the
+                # transactions at or after xmax and those then in progress.
+                start = Start.parse(snapshot)
+                past.append(sa.or_(t.c.tx_id >= start.xmax, t.c.tx_id.in_(sorted(start.xip))))
             wants = compile_pattern(pattern)
             unfilled = 0
             oldest = None
             for etype, n, first in conn.execute(
-                sa.select(t.c.type, sa.func.count(), sa.func.min(t.c.created_at)).where(past)
+                sa.select(t.c.type, sa.func.count(), sa.func.min(t.c.created_at)).where(*past)
                 .group_by(t.c.type)
             ):
                 if wants(etype):
