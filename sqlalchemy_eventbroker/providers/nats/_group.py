@@ -7,8 +7,10 @@ import collections
 import concurrent.futures
 import contextlib
 import hashlib
+import json
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -30,10 +32,20 @@ __all__ = ["NatsGroupStream"]
 log = logging.getLogger("sqlalchemy_eventbroker.providers.nats")
 
 _ACK, _NAK, _WPI, _TERM = b"+ACK", b"-NAK", b"+WPI", b"+TERM"
+#: JetStream's pull request subject (the default API prefix: the provider sets no domain).
+_NEXT = "$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
 
 
 class NatsGroupStream(BufferedGroupStream[Msg]):
     """One member of ``(group, pattern)``: fetches ``batch_size`` messages at a time.
+
+    A fetch is one pull request to the group's durable consumer, answered on this member's
+    own inbox subscription: its callback only appends each message (with its arrival time)
+    to a list and, once the request is answered (``batch`` messages, or a 404/408 status),
+    wakes the member's thread. nats-py's ``fetch`` instead awaited each message through a
+    timed ``next_msg`` (a task and a timer per message on the shared loop), which was most
+    of a member's loop time. A fill first asks with ``no_wait`` (what is there now); only
+    when nothing is, it waits up to ``wait`` seconds for one message.
 
     Acks, renewals (``+WPI``) and naks are fire-and-forget replies, queued and sent in one
     task on the loop per batch; on ``close()`` the unread buffered messages are nak'ed so
@@ -50,7 +62,14 @@ class NatsGroupStream(BufferedGroupStream[Msg]):
             name=f"{unique_safe_name(provider.consumer_group)}-{safe_name(group)[:64]}-{digest}",
             reconnect_max_delay=0.5)
         self.subject = subject_filter(provider.subject_prefix, pattern)
-        self._fetching: concurrent.futures.Future[Any] | None = None
+        self._fetching: concurrent.futures.Future[None] | None = None
+        self._next = _NEXT.format(stream=provider.stream_name, consumer=self.name)
+        self._inbox = ""
+        self._arrived: list[tuple[Msg, float]] = []  # appended on the loop, taken here
+        self._pull_lock = threading.Lock()
+        self._pull_seq = 0
+        #: The pull request waited for: (reply token, messages wanted, got, answered).
+        self._pull: tuple[str, int, list[int], concurrent.futures.Future[None]] | None = None
         self._replies: list[tuple[str, bytes]] = []
         self._replies_lock = threading.Lock()
         with provider._translate_errors():
@@ -80,7 +99,33 @@ class NatsGroupStream(BufferedGroupStream[Msg]):
                 max_deliver=-1,
                 max_ack_pending=self._p.max_ack_pending,
             ))
-        return await js.pull_subscribe_bind(durable=self.name, stream=stream)
+        self._inbox = self._p._nc.new_inbox()
+        return await self._p._nc.subscribe(f"{self._inbox}.*", cb=self._on_msg)
+
+    async def _on_msg(self, msg: Msg) -> None:  # on the loop
+        """A message or status answering one of this member's pull requests.
+
+        Statuses come on ``<inbox>.<request>``, naming their request; messages keep their own
+        subject, so each counts toward the request being waited for (one of an earlier,
+        timed-out request only ends the current one a message early).
+        """
+        status = msg.headers.get("Status") if msg.headers else None
+        if status == "100":  # idle heartbeat
+            return
+        with self._pull_lock:
+            pull = self._pull
+            if status is None:
+                self._arrived.append((msg, time.monotonic()))
+                if pull is None:
+                    return
+                pull[2][0] += 1
+                if pull[2][0] < pull[1]:
+                    return
+            elif pull is None or msg.subject.rpartition(".")[2] != pull[0]:
+                return  # an earlier request's status
+            answered = pull[3]
+        with contextlib.suppress(concurrent.futures.InvalidStateError):  # cancelled: closing
+            answered.set_result(None)
 
     # -- replies -------------------------------------------------------------------------------
 
@@ -131,25 +176,53 @@ class NatsGroupStream(BufferedGroupStream[Msg]):
     def _fill(self, wait: float) -> None:
         """Fetch up to ``batch_size`` messages, waiting up to ``wait`` seconds for the first.
 
-        A disconnected fetch raises ``nats.errors.Error`` (nats-py reconnects by itself and
+        A disconnected request raises ``nats.errors.Error`` (nats-py reconnects by itself and
         the base class backs off); a closed provider ends the member.
         """
+        if self._take_arrived():
+            return
+        self._request({"batch": self._p.batch_size, "no_wait": True}, self._p.batch_size,
+                      self._p.request_timeout)
+        if self._take_arrived():
+            return
         wait = max(wait, 0.01)
+        self._request({"batch": 1, "expires": int(wait * 1e9)}, 1,
+                      wait + self._p.request_timeout)
+        self._take_arrived()
+
+    def _request(self, request: dict[str, Any], want: int, timeout: float) -> None:
+        """Send one pull request and wait until it was answered or ``timeout`` passed."""
+        answered: concurrent.futures.Future[None] = concurrent.futures.Future()
+        with self._pull_lock:
+            self._pull_seq += 1
+            token = str(self._pull_seq)
+            self._pull = (token, want, [0], answered)
+        body = json.dumps(request).encode()
         try:
-            future = self._p._loop.submit(self._sub.fetch(self._p.batch_size, timeout=wait))
+            sent = self._p._loop.submit(
+                self._p._nc.publish(self._next, body, reply=f"{self._inbox}.{token}"))
         except LoopClosed:
             raise StopIteration from None
-        self._fetching = future
+        sent.add_done_callback(lambda f: _fail(answered, f))
+        self._fetching = answered
         try:
-            msgs = future.result(wait + self._p.request_timeout)
-        except (TimeoutError, nats.errors.TimeoutError, concurrent.futures.TimeoutError):
-            return
+            answered.result(timeout)
+        except concurrent.futures.TimeoutError:
+            pass  # answered later (if at all): what arrives is taken by the next fill
         except concurrent.futures.CancelledError:
             raise StopIteration from None
         finally:
             self._fetching = None
+            with self._pull_lock:
+                if self._pull is not None and self._pull[0] == token:
+                    self._pull = None
+
+    def _take_arrived(self) -> int:
+        """Move the messages that arrived into the buffer; how many there were."""
+        with self._pull_lock:
+            arrived, self._arrived = self._arrived, []
         skip = len(self._p.subject_prefix) + 1
-        for msg in msgs:
+        for msg, at in arrived:
             if not self._match(msg.subject[skip:]):  # the server filters; this guards odd ones
                 self._reply(msg, _ACK)
                 continue
@@ -159,7 +232,10 @@ class NatsGroupStream(BufferedGroupStream[Msg]):
                 log.exception("nats group %s: unreadable message on %s", self.name, msg.subject)
                 self._reply(msg, _TERM)
                 continue
-            self._buffer.append(BufferedDelivery(event, msg, self))
+            delivery = BufferedDelivery(event, msg, self)
+            delivery.received_at = at
+            self._buffer.append(delivery)
+        return len(arrived)
 
     # -- closing -------------------------------------------------------------------------------
 
@@ -169,9 +245,20 @@ class NatsGroupStream(BufferedGroupStream[Msg]):
             fetching.cancel()
         with self._recv_lock:
             buffered, self._buffer = list(self._buffer), collections.deque()
+            with self._pull_lock:
+                arrived, self._arrived = self._arrived, []
         for d in buffered:  # hand what we never read to another member at once
             if not d.done:
                 d.done = True
                 self._reply(d.token, _NAK)
+        self._replies_for([(msg, _NAK) for msg, _ in arrived])
         with contextlib.suppress(*self._p.driver_errors):
             self._p._loop.run(self._sub.unsubscribe(), self._p.request_timeout)
+
+
+def _fail(answered: concurrent.futures.Future[None], sent: concurrent.futures.Future[Any]) -> None:
+    """A pull request that could not be sent fails the wait for its answer."""
+    exc = None if sent.cancelled() else sent.exception()
+    if exc is not None:
+        with contextlib.suppress(concurrent.futures.InvalidStateError):  # answered already
+            answered.set_exception(exc)
