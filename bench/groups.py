@@ -3,8 +3,9 @@
 Per backend and side: the group is created (so it is durable), N events are published into
 it from this process (not timed), then two member processes start together and drain it.
 Figure: events/s from the start signal to the last handled event, and how many events were
-handled more than once or never. The target is 0 of both (the rate is compared for
-information: the library's group members also write each event's final status back).
+handled more than once or never. The target is 0 of both and at least ``MIN_RATIO`` of the
+raw client's rate (issue 12; the library's group members also write each event's final
+status back, which the raw ones do not). A miss is profiled.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from .crossprocess import BACKENDS, backend_context, raw_setup
 #: Seconds a drain may take; a slower one is stopped and reported as not drained (FAIL).
 DEADLINE, DEADLINE_QUICK = 45.0, 15.0
 SECTION = "4. consumer groups (2 member processes draining a backlog)"
+#: The library's drain rate must reach this fraction of the raw client's.
+MIN_RATIO = 0.3
+TARGET = f"≥ {MIN_RATIO:g}×, 0 twice, 0 lost"
 
 
 def _fill(backend: str, side: str, cfg: dict[str, Any], n: int) -> None:
@@ -89,24 +93,23 @@ def run(quick: bool, runs: int, profile_failures: Callable[[list[Row]], None]) -
                 f", {sum(r['twice'] for r in results['raw'])} twice" if results["raw"] else
                 f" ({errors.get('raw', 'error')})")
             if missing:
-                rows.append(na_row(SECTION, title, missing, raw=raw_text,
-                                   target="0 twice, 0 lost"))
+                rows.append(na_row(SECTION, title, missing, raw=raw_text, target=TARGET))
                 continue
             if not results["lib"]:
-                rows.append(Row(SECTION, title, "error", raw_text, "–", "0 twice, 0 lost",
+                rows.append(Row(SECTION, title, "error", raw_text, "–", TARGET,
                                 FAIL, errors.get("lib", "")))
                 continue
             lib_rate = median([r["rate"] for r in results["lib"]])
             twice = sum(r["twice"] for r in results["lib"])
             lost = sum(r["missing"] for r in results["lib"])
-            ok = twice == 0 and lost == 0
+            ratio = lib_rate / raw_rate if raw_rate else 0.0
+            ok = twice == 0 and lost == 0 and (not raw_rate or ratio >= MIN_RATIO)
             note = f"twice/lost summed over {len(results['lib'])} run(s)"
             if lost:
                 note += (f"; {lost} not handled when the drain was stopped after {deadline:g} s"
                          " (the rate is over what was handled)")
             row = Row(SECTION, title, f"{rate(lib_rate)}, {twice} twice, {lost} lost", raw_text,
-                      f"{lib_rate / raw_rate:.2f}×" if raw_rate else "–", "0 twice, 0 lost",
-                      PASS if ok else FAIL, note)
+                      f"{ratio:.2f}×" if raw_rate else "–", TARGET, PASS if ok else FAIL, note)
             row.profiler = _profiler(backend, pg_url, n)
             profile_failures([row])
             rows.append(row)
