@@ -58,6 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return handler(args)
+    except BrokenPipeError:  # `eventbroker events list | head`: the reader has all it wanted
+        _silence_stdout()
+        return 0
     except (Usage, ConfigError, PatternError) as exc:  # bad input rather than a failed operation
         _err(f"error: {exc}", args)
         return 2
@@ -70,6 +73,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - a driver or Alembic error: say it, no traceback
         _err(f"error: {type(exc).__name__}: {exc}", args)
         return 1
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's final flush does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 def _err(message: str, args: argparse.Namespace) -> None:

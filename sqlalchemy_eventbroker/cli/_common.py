@@ -16,7 +16,7 @@ import os
 import pathlib
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -221,15 +221,17 @@ def event_line(e: Event) -> str:
     return line
 
 
-def print_events(events: list[Event], *, as_json: bool, limit: int = 0,
+def print_events(events: Iterable[Event], *, as_json: bool, limit: int = 0,
                  out: TextIO | None = None) -> None:
-    """Events one per line, then a count (saying so when ``limit`` may have cut the list)."""
+    """Events one per line as they are read (a large table streams, memory stays flat), then
+    a count in text mode (saying so when ``limit`` may have cut the list)."""
     stream = out or sys.stdout
+    n = 0
+    for e in events:
+        stream.write((e.to_json() if as_json else event_line(e)) + "\n")
+        n += 1
     if as_json:
-        stream.writelines(e.to_json() + "\n" for e in events)
         return
-    stream.writelines(event_line(e) + "\n" for e in events)
-    n = len(events)
     counted = f"{n} event{'s' if n != 1 else ''}"
     stream.write(f"(the first {counted}; --limit 0 for all)\n" if limit and n == limit
                  else f"({counted})\n")

@@ -115,8 +115,7 @@ def _filter(args: argparse.Namespace, **extra: Any) -> EventFilter:
 def _list(args: argparse.Namespace) -> int:
     flt = _filter(args, status=EventStatus(args.status) if args.status else None, limit=args.limit)
     with open_provider(args) as provider:
-        events = provider.list(flt)
-    print_events(events, as_json=args.json, limit=args.limit)
+        print_events(bus_provider(provider).iter_events(flt), as_json=args.json, limit=args.limit)
     return 0
 
 
@@ -165,16 +164,6 @@ def _tail(args: argparse.Namespace) -> int:
                 stream.close()
     except KeyboardInterrupt:
         return 0
-    except BrokenPipeError:  # `eventbroker events tail | head`: the reader is gone, fine
-        _silence_stdout()
-        return 0
-
-
-def _silence_stdout() -> None:
-    import os
-
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
 
 
 def _replay(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 from ..event import Event, EventStatus
-from ..providers.base import EventFilter, Provider
+from ..providers.base import EventFilter, Provider, bus_provider
 from ..providers.ops import GroupStats, group_stats, store_stats
 from ._common import (
     Failed,
@@ -76,8 +76,7 @@ def register(commands: Any) -> None:
 def _dlq_list(args: argparse.Namespace) -> int:
     flt = EventFilter(status=EventStatus.FAILED, type_pattern=args.type_pattern, limit=args.limit)
     with open_provider(args) as provider:
-        events = provider.list(flt)
-    print_events(events, as_json=args.json, limit=args.limit)
+        print_events(bus_provider(provider).iter_events(flt), as_json=args.json, limit=args.limit)
     return 0
 
 
