@@ -89,6 +89,10 @@ def _broker(backend: str, cfg: dict[str, Any], mode: str, name: str) -> Broker:
 
 
 def for_backend(backend: str) -> types.SimpleNamespace:
+    # Import the provider now, before a member reports ready: the raw side's client is
+    # imported with its module, so the clock must not include the library's import either.
+    provider_class(backend)
+
     class Publisher:
         def __init__(self, cfg: dict[str, Any]) -> None:
             self.broker = _broker(backend, cfg, "sync", "pub").start()
