@@ -46,6 +46,12 @@ class GroupSql(Protocol):
         """One free claim per ``(seq, event_id)``."""
         ...
 
+    def advance(self, conn: Connection, gid: int, old: tuple[int, int], new: tuple[int, int],
+                claims: Sequence[tuple[int, str]]) -> bool:
+        """Move the group's cursor from ``old`` to ``new`` and add ``claims`` (free), both or
+        neither: False (nothing written) when the cursor was no longer ``old``."""
+        ...
+
     def renew(self, conn: Connection, gid: int, seq: int, token: str, lease: float) -> bool: ...
 
 
@@ -54,6 +60,7 @@ class PostgresGroupSql:
 
     def __init__(self, tables: EventTables, prep: IdentifierPreparer) -> None:
         ct, et = prep.format_table(tables.claims), prep.format_table(tables.events)
+        gt = prep.format_table(tables.groups)
         cols = ", ".join(f"t.{prep.quote(n)}" for n in EVENT_COLUMNS)
         now = "extract(epoch FROM clock_timestamp())"
         # An uncorrelated scalar subquery, evaluated once before the scan (an InitPlan), sets
@@ -78,6 +85,18 @@ class PostgresGroupSql:
             f"INSERT INTO {ct} (group_id, seq, event_id, lease_until, token, deliveries) "
             f"SELECT :gid, u.seq, u.id, 0, '', 0 FROM "
             f"unnest(CAST(:seqs AS bigint[]), CAST(:ids AS uuid[])) AS u(seq, id)"
+        )
+        # The cursor's compare-and-set and the claims it adds in one statement (its own
+        # transaction in autocommit): the filler's read needs no transaction around it, so a
+        # page costs three round trips (group row, page, this) instead of six with BEGIN and
+        # COMMIT. Data-modifying CTEs always run; the INSERT adds rows only if `moved` has one.
+        self._advance = sa.text(
+            f"WITH moved AS (UPDATE {gt} SET cursor_tx = :ntx, cursor_seq = :nseq "
+            f"WHERE id = :gid AND cursor_tx = :otx AND cursor_seq = :oseq RETURNING id), "
+            f"added AS (INSERT INTO {ct} (group_id, seq, event_id, lease_until, token, deliveries) "
+            f"SELECT moved.id, u.seq, u.id, 0, '', 0 FROM moved CROSS JOIN "
+            f"unnest(CAST(:seqs AS bigint[]), CAST(:ids AS uuid[])) AS u(seq, id)) "
+            f"SELECT count(*) FROM moved"
         )
         self._ack = sa.text(f"DELETE FROM {ct} WHERE group_id = :gid AND seq = ANY({acks}) AND {fast}")
         pairs = "unnest(CAST(:seqs AS bigint[]), CAST(:tokens AS text[])) AS u(seq, token)"
@@ -109,6 +128,13 @@ class PostgresGroupSql:
         conn.execute(self._add, {"gid": gid, "seqs": [s for s, _ in claims],
                                  "ids": [i for _, i in claims]})
 
+    def advance(self, conn: Connection, gid: int, old: tuple[int, int], new: tuple[int, int],
+                claims: Sequence[tuple[int, str]]) -> bool:
+        return bool(conn.execute(self._advance, {
+            "gid": gid, "otx": old[0], "oseq": old[1], "ntx": new[0], "nseq": new[1],
+            "seqs": [s for s, _ in claims], "ids": [i for _, i in claims],
+        }).scalar())
+
     def renew(self, conn: Connection, gid: int, seq: int, token: str, lease: float) -> bool:
         result = conn.execute(self._renew, {"gid": gid, "seq": seq, "token": token, "lease": lease})
         return bool(result.rowcount)
@@ -120,6 +146,7 @@ class GenericGroupSql:
     def __init__(self, tables: EventTables) -> None:
         c, t = tables.claims, tables.events
         self._c = c
+        self._g = tables.groups
         gid = sa.bindparam("p_gid", type_=sa.Integer())
         now: sa.BindParameter[float] = sa.bindparam("p_now", type_=sa.Double())
         free = (
@@ -183,6 +210,18 @@ class GenericGroupSql:
              "deliveries": 0}
             for seq, event_id in claims
         ])
+
+    def advance(self, conn: Connection, gid: int, old: tuple[int, int], new: tuple[int, int],
+                claims: Sequence[tuple[int, str]]) -> bool:
+        g = self._g
+        moved = conn.execute(
+            g.update()
+            .where(g.c.id == gid, g.c.cursor_tx == old[0], g.c.cursor_seq == old[1])
+            .values(cursor_tx=new[0], cursor_seq=new[1])
+        ).rowcount
+        if moved and claims:
+            self.add_claims(conn, gid, claims)
+        return bool(moved)
 
     def renew(self, conn: Connection, gid: int, seq: int, token: str, lease: float) -> bool:
         params = {"p_gid": gid, "p_seq": seq, "p_token": token, "p_lease": lease,

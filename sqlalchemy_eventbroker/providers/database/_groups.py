@@ -110,13 +110,14 @@ class GroupStore:
         """Advance the group's cursor by one page, adding a claim per matching event.
 
         Returns ``(claims added, should look again soon)``. Gap-free like the fan-out reader.
-        PostgreSQL: optimistic (the cursor moves by compare-and-set, no lock is held while
-        reading); elsewhere the transaction starts with a write, which serialises fillers.
+        PostgreSQL: optimistic and without a transaction around the reads (the cursor moves
+        by compare-and-set, together with the claims, in one statement); elsewhere one
+        transaction that starts with a write, which serialises fillers.
         """
         g = self._dialect.tables.groups
         gid = stream.group_id
         limit = self._page_size
-        with self._db.begin() as conn:
+        with self._db.one_statement() as conn:
             self._dialect.lock_group(conn, gid)
             row = conn.execute(
                 sa.select(g.c.cursor_tx, g.c.cursor_seq, g.c.start_snapshot).where(g.c.id == gid)
@@ -138,15 +139,8 @@ class GroupStore:
                     claims.append((int(seq), str(event_id)))
             if cursor == old:
                 return 0, held
-            moved = conn.execute(
-                g.update()
-                .where(g.c.id == gid, g.c.cursor_tx == old[0], g.c.cursor_seq == old[1])
-                .values(cursor_tx=cursor[0], cursor_seq=cursor[1])
-            ).rowcount
-            if not moved:  # another member filled this page first; nothing was written
-                return 0, True
-            if claims:
-                self._sql.add_claims(conn, gid, claims)
+            if not self._sql.advance(conn, gid, old, cursor, claims):
+                return 0, True  # another member filled this page first; nothing was written
         if claims:  # committed: wake the other members, here and elsewhere
             self._waker.wake()
             self._announce()
