@@ -26,6 +26,7 @@ from enum import Enum
 from typing import Any
 
 from . import signals
+from ._ordering import KeyGate
 from ._types import Handler, SubscriptionID
 from ._workers import AsyncRunner, StatusWriter, WorkerPool
 from .errors import BrokerStopped, HandlerError, PublishDepthExceeded
@@ -50,9 +51,13 @@ _FAILED = EventStatus.FAILED
 
 
 class _Depth(threading.local):
-    """How deep the current thread is in handlers run inline (publish from a handler)."""
+    """How deep the current thread is in handlers run inline (publish from a handler), and
+    which gate keys its running jobs hold."""
 
     value = 0
+
+    def __init__(self) -> None:
+        self.keys: set[str] = set()
 
 
 class Admission(Enum):
@@ -101,6 +106,8 @@ class Subscription:
     stream: GroupStream | None = None
     thread: threading.Thread | None = None
     active: bool = True
+    #: Events with the same non-empty key reach this subscription one at a time, in order.
+    ordered: bool = False
 
     @property
     def handler_name(self) -> str:
@@ -111,8 +118,8 @@ class Subscription:
 class Job:
     """One event on its way through a set of handlers (one item per handler on retry)."""
 
-    __slots__ = ("delivery", "elapsed", "event", "failures", "lock", "pending", "retries",
-                 "slot", "started", "subs")
+    __slots__ = ("delivery", "elapsed", "event", "failures", "gate_key", "lock", "pending",
+                 "retries", "slot", "started", "subs")
     failures: list[tuple[str, BaseException]]
 
     def __init__(self, event: Event, subs: Sequence[Subscription],
@@ -131,6 +138,8 @@ class Job:
         #: subscription_id -> (attempts so far, last exception), for handlers being retried.
         self.retries: dict[str, tuple[int, BaseException]] | None = None
         self.lock = _JOB_LOCK
+        #: The key this job holds in the pipeline's gate while it runs (ordered subscriptions).
+        self.gate_key = _gate_key(event, subs)
 
     def fail(self, subscription_id: str, exc: BaseException) -> None:
         if self.failures is _NO_FAILURES:
@@ -170,6 +179,8 @@ class Pipeline:
         self._depth = _Depth()
         self._lock = threading.Lock()
         self.dead: collections.OrderedDict[str, Event] = collections.OrderedDict()
+        #: One job per key at a time for ordered subscriptions (see _ordering).
+        self.gate: KeyGate[Job | threading.Event] = KeyGate()
         self.counter_lock = threading.Lock()
         #: Set by the bus: acknowledges a group delivery once its job is recorded.
         self.on_acknowledge: Callable[[Job], None] = _no_ack
@@ -213,6 +224,8 @@ class Pipeline:
         try:
             for job in jobs:
                 if interrupt is None:
+                    if job.gate_key is not None:
+                        self._wait_turn(job, job.gate_key)
                     self._run(job, job.subs, inline=True)
                     if job.failures:
                         interrupt = _interrupt_of(job)
@@ -242,13 +255,21 @@ class Pipeline:
             raise
         if pool is None:
             return
+        gate = self.gate
         if admission is Admission.REFUSE:
             for job in jobs:
-                pool.put_reserved(job)
+                if job.gate_key is None or gate.enter(job.gate_key, job):
+                    pool.put_reserved(job)
+                # else: parked behind its key, keeping the place it reserved
         else:
             wait = admission is Admission.WAIT
             for job in jobs:
-                pool.put(job, block_while_full=wait)
+                if job.gate_key is None:
+                    pool.put(job, block_while_full=wait)
+                else:  # a parked job holds its queue place until its turn
+                    pool.hold(block_while_full=wait)
+                    if gate.enter(job.gate_key, job):
+                        pool.put_reserved(job)
 
     def _store(self, events: Sequence[Event], way: Way, unhandled: int) -> None:
         """Store (or announce) ``events`` as ``way`` says, and count them.
@@ -295,6 +316,18 @@ class Pipeline:
         event = job.event
         if subs is job.subs:  # a fresh job, not one handler's retry
             event.mark_processing()
+        key = job.gate_key
+        if key is not None:
+            held = self._depth.keys
+            held.add(key)
+            try:
+                return self._run_subs(job, subs, inline)
+            finally:
+                held.discard(key)
+        return self._run_subs(job, subs, inline)
+
+    def _run_subs(self, job: Job, subs: Sequence[Subscription], inline: bool) -> Job | None:
+        event = job.event
         finished = 0
         stop: BaseException | None = None
         for sub in subs:
@@ -371,10 +404,36 @@ class Pipeline:
 
     # -- recording ---------------------------------------------------------------------
 
+    def _wait_turn(self, job: Job, key: str) -> None:
+        """Inline (in the caller's thread): wait until ``key`` is this caller's.
+
+        A handler that publishes an event of the key it is handling, inline, would wait for
+        itself: that one event runs at once, nested, outside the gate.
+        """
+        if key in self._depth.keys:
+            job.gate_key = None
+            return
+        turn = threading.Event()
+        if not self.gate.enter(key, turn):
+            turn.wait()
+
+    def _pass_key(self, key: str) -> None:
+        """A job holding ``key`` concluded: the next one parked behind it may run."""
+        nxt = self.gate.leave(key)
+        if nxt is None:
+            return
+        if isinstance(nxt, threading.Event):
+            nxt.set()  # a caller thread waiting inline
+        else:
+            assert self.pool is not None  # a job parks only on its way into the pool
+            self.pool.put_reserved(nxt)
+
     def _conclude(self, job: Job) -> Job:
         """Give the event its final status; returns the job for :meth:`record`."""
         event = job.event
         job.elapsed = time.perf_counter() - job.started
+        if job.gate_key is not None:
+            self._pass_key(job.gate_key)
         if job.failures:
             # From the job, not the broker: the subscription may have been removed meanwhile.
             by_id = {s.id: s for s in job.subs}
@@ -494,6 +553,21 @@ class Pipeline:
         if self._statuses is not None:
             self._statuses.close()
         self.runner.close()
+
+
+def _gate_key(event: Event, subs: Sequence[Subscription]) -> str | None:
+    """The gate key of a job: its event's key when an ordered subscription is among ``subs``.
+
+    A group's deliveries are ordered among themselves, apart from fan-out jobs of the same
+    key, so the group name is part of the key.
+    """
+    key = event.key
+    if not key:
+        return None
+    for sub in subs:
+        if sub.ordered:
+            return key if sub.group is None else f"{sub.group}\x00{key}"
+    return None
 
 
 def _interrupt_of(job: Job) -> BaseException | None:

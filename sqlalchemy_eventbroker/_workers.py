@@ -139,17 +139,30 @@ class WorkerPool:
     def put(self, item: Any, block_while_full: bool = True) -> None:
         """Queue an already-accepted item (a remote delivery), waiting while the queue is full."""
         with self._lock:
-            while (block_while_full and not self._stopping
-                   and self._claimed + len(self._items) >= self._capacity):
-                self._space_waiters += 1
-                try:
-                    self._space.wait(0.05)
-                finally:
-                    self._space_waiters -= 1
+            if block_while_full:
+                self._wait_for_space()
             self._outstanding += 1
             self._items.append(item)
             if self._sleepers and self._needs_wake():
                 self._wake.notify()
+
+    def hold(self, block_while_full: bool = True) -> None:
+        """Claim a place for an already-accepted item queued later by :meth:`put_reserved`
+        (an ordered job parked behind its key), waiting while full like :meth:`put`."""
+        with self._lock:
+            if block_while_full:
+                self._wait_for_space()
+            self._claimed += 1
+            self._outstanding += 1
+
+    def _wait_for_space(self) -> None:
+        """Wait (holding the lock, as a condition does) until the queue has a free place."""
+        while not self._stopping and self._claimed + len(self._items) >= self._capacity:
+            self._space_waiters += 1
+            try:
+                self._space.wait(0.05)
+            finally:
+                self._space_waiters -= 1
 
     def put_later(self, delay: float, item: Any) -> None:
         """Queue ``item`` after ``delay`` seconds without holding a worker meanwhile.

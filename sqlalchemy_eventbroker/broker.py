@@ -246,6 +246,7 @@ class Broker:
         *,
         group: str | None = None,
         lease: float = 30.0,
+        ordered: bool = False,
     ) -> SubscriptionID:
         """Call ``handler`` with a copy of every event whose type matches ``pattern``.
 
@@ -255,6 +256,9 @@ class Broker:
         With ``group``, subscriptions sharing the name (and pattern) anywhere on the bus
         compete: each event reaches one of them, at least once; ``lease`` is how long a
         member may hold an event before it is redelivered (renewed while the handler runs).
+        With ``ordered``, events with the same non-empty ``key`` reach this subscription one
+        at a time, in publish order, whatever the worker count (API.md section 3); other
+        keys keep flowing while one waits.
 
         Raises:
             PatternError: the pattern is malformed.
@@ -270,6 +274,7 @@ class Broker:
         sub = Subscription(
             id=f"sub-{next(self._sub_ids)}-{uuid.uuid4().hex[:8]}",
             pattern=pattern, handler=handler, match=match, group=group, lease=float(lease),
+            ordered=bool(ordered),
         )
         with self._lock:
             subs = dict(self._subs)
@@ -284,12 +289,12 @@ class Broker:
                 self._bus.start_group_consumer(sub)
         return sub.id
 
-    def on(self, pattern: str, *, group: str | None = None,
-           lease: float = 30.0) -> Callable[[Handler], Handler]:
+    def on(self, pattern: str, *, group: str | None = None, lease: float = 30.0,
+           ordered: bool = False) -> Callable[[Handler], Handler]:
         """Decorator form of :meth:`subscribe`; returns the function unchanged."""
 
         def register(fn: Handler) -> Handler:
-            self.subscribe(pattern, fn, group=group, lease=lease)
+            self.subscribe(pattern, fn, group=group, lease=lease, ordered=ordered)
             return fn
 
         return register
