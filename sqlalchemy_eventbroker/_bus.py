@@ -119,7 +119,11 @@ class Bus:
             if sub.stream is not None or not self.running or not sub.active:
                 return
             assert sub.group is not None
-            sub.stream = self.provider.group_stream(sub.pattern, sub.group, lease=sub.lease)
+            if sub.ordered:  # only then: a third-party provider may not know the option
+                sub.stream = self.provider.group_stream(sub.pattern, sub.group, lease=sub.lease,
+                                                        ordered=True)
+            else:
+                sub.stream = self.provider.group_stream(sub.pattern, sub.group, lease=sub.lease)
             sub.thread = QuietThread(target=self._group_loop, args=(sub,),
                                      name=f"{self.name}-group-{sub.group}", daemon=True)
             sub.thread.start()

@@ -105,9 +105,14 @@ class RemoteProvider(ProviderBase, Generic[StreamT]):
             if s in self._streams:
                 self._streams.remove(s)
 
-    def group_stream(self, pattern: str, group: str, *, lease: float = 30.0) -> GroupStream:
+    def group_stream(self, pattern: str, group: str, *, lease: float = 30.0,
+                     ordered: bool = False) -> GroupStream:
         """A competing-consumer member of ``(group, pattern)`` (see the module docstring)."""
         validate_pattern(pattern)
+        if ordered:
+            raise ProviderError(
+                f"{self.provider_type} at {self._address}: ordered consumer groups are not "
+                "available on this backend yet (ordered fan-out subscriptions are)")
         if not group:
             raise ValueError("group_stream: group must not be empty")
         if lease <= 0:

@@ -10,7 +10,10 @@ brokers that share its backend:
   streams opened with the same ``(group, pattern)`` share the events, each event leased to one
   of them at a time. An event not acknowledged before its lease expires (its consumer died) is
   delivered again; events that reached the backend while no member was open are delivered
-  when one opens (the group is durable from the moment it was first opened).
+  when one opens (the group is durable from the moment it was first opened). With
+  ``ordered=True`` no two members hold events of the same non-empty ``key`` at once, and a
+  key's events are handed out oldest first: a later one waits until the earlier one is
+  acknowledged (or, after its lease ran out, redelivered and acknowledged).
 
 Brokers are the only intended consumers of the transport side; applications subscribe through
 a broker. Everything here is a ``Protocol``, so third parties can write providers without
@@ -230,7 +233,8 @@ class Provider(Protocol):
 
     def stream(self, pattern: str) -> EventStream: ...
 
-    def group_stream(self, pattern: str, group: str, *, lease: float = 30.0) -> GroupStream: ...
+    def group_stream(self, pattern: str, group: str, *, lease: float = 30.0,
+                     ordered: bool = False) -> GroupStream: ...
 
     def close(self) -> None:
         """Release connections and threads; idempotent; open streams end."""

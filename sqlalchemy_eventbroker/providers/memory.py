@@ -204,7 +204,10 @@ class MemoryProvider(ProviderBase):
                 self._streams.remove(stream)
                 self._retarget()
 
-    def group_stream(self, pattern: str, group: str, *, lease: float = 30.0) -> _GroupStream:
+    def group_stream(self, pattern: str, group: str, *, lease: float = 30.0,
+                     ordered: bool = False) -> _GroupStream:
+        """A member of ``(group, pattern)``; ``ordered`` makes the whole group hand out an
+        event only when no earlier event of its key is leased or waiting (for every member)."""
         validate_pattern(pattern)
         if not group:
             raise ValueError("group: must be a non-empty string")
@@ -215,6 +218,8 @@ class MemoryProvider(ProviderBase):
                 state = self._groups[(group, pattern)] = _Group(pattern, group)
                 self._retarget()
             state.members += 1
+            if ordered:
+                state.ordered = True
         return _GroupStream(self, state, lease)
 
     def _retarget(self) -> None:
@@ -294,6 +299,11 @@ class _Group:
         self.leased: dict[str, tuple[float, Event, int]] = {}
         self.tokens = itertools.count(1)
         self.closed = False
+        #: Once a member asked for order: an event is handed out only when no event of its
+        #: key is leased (events wait in ``ready`` in publish order, so the oldest goes first).
+        self.ordered = False
+        #: key -> how many of its events are leased (ordered groups only).
+        self.keys_out: collections.Counter[str] = collections.Counter()
 
     def push(self, event: Event) -> None:
         with self.cond:
@@ -319,8 +329,37 @@ class _Group:
             elif next_deadline is None or deadline < next_deadline:
                 next_deadline = deadline
         # Back to the front, in their original order, so redelivery keeps publish order.
-        self.ready.extendleft(reversed([self.leased.pop(eid)[1] for eid in expired]))
+        requeued = [self.leased.pop(eid)[1] for eid in expired]
+        for event in requeued:
+            self.release_key(event)
+        self.ready.extendleft(reversed(requeued))
         return next_deadline
+
+    def take(self) -> Event | None:
+        """The next event to lease: the oldest ready one, or in an ordered group the oldest
+        whose key has no event leased (caller holds ``cond``)."""
+        ready = self.ready
+        if not ready:
+            return None
+        if not self.ordered:
+            return ready.popleft()
+        out = self.keys_out
+        for i, event in enumerate(ready):
+            key = event.key
+            if not key or not out[key]:
+                del ready[i]
+                if key:
+                    out[key] += 1
+                return event
+        return None
+
+    def release_key(self, event: Event) -> None:
+        """A leased event of an ordered group was acknowledged or its lease ran out."""
+        key = event.key
+        if key and self.keys_out[key]:
+            self.keys_out[key] -= 1
+            if not self.keys_out[key]:
+                del self.keys_out[key]
 
 
 class _Delivery:
@@ -338,9 +377,12 @@ class _Delivery:
         return item is not None and item[2] == self._token
 
     def ack(self) -> None:
-        with self._group.cond:
+        g = self._group
+        with g.cond:
             if self._current():
-                del self._group.leased[self.event.id]
+                _, event, _ = g.leased.pop(self.event.id)
+                g.release_key(event)
+                g.cond.notify_all()  # a member may wait for this key
             self._acked = True
 
     def renew(self) -> None:
@@ -368,8 +410,8 @@ class _GroupStream(Closeable):
                     raise StopIteration
                 now = time.monotonic()
                 next_deadline = g._requeue_expired(now)
-                if g.ready:
-                    event = g.ready.popleft()
+                event = g.take()
+                if event is not None:
                     token = next(g.tokens)
                     g.leased[event.id] = (now + self._lease, event, token)
                     self._provider._count_consumed()
