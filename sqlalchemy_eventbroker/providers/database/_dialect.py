@@ -175,10 +175,11 @@ class Dialect:
         raise NotImplementedError
 
     def claimable(self, cursor: Cursor, limit: int) -> sa.Select[Any]:
-        """``(seq, id, type, tx, ready)`` of the rows past a group's cursor (see read_page)."""
+        """``(seq, id, type, key, tx, ready)`` of the rows past a group's cursor (see
+        read_page)."""
         t = self.t
         return (
-            sa.select(t.c.seq, t.c.id, t.c.type, sa.literal(0), sa.true())
+            sa.select(t.c.seq, t.c.id, t.c.type, t.c.key, sa.literal(0), sa.true())
             .where(t.c.seq > cursor[1]).order_by(t.c.seq).limit(limit)
         )
 
@@ -404,7 +405,8 @@ class PostgresDialect(Dialect):
     def claimable(self, cursor: Cursor, limit: int) -> sa.Select[Any]:
         t = self.t
         return (
-            sa.select(t.c.seq, t.c.id, t.c.type, t.c.tx_id, (t.c.tx_id < self._xmin()))
+            sa.select(t.c.seq, t.c.id, t.c.type, t.c.key, t.c.tx_id,
+                      (t.c.tx_id < self._xmin()))
             .where(self._past(cursor)).order_by(t.c.tx_id, t.c.seq).limit(limit)
         )
 

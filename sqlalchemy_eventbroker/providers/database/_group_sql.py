@@ -28,10 +28,10 @@ class GroupSql(Protocol):
     """What the group machinery needs from the database, one statement each where possible."""
 
     def claim(self, conn: Connection, gid: int, acks: Sequence[int], n: int, lease: float,
-              token: str) -> Sequence[Any]:
+              token: str, *, ordered: bool = False) -> Sequence[Any]:
         """Delete the claims ``acks`` and lease up to ``n`` free (or expired) claims to
         ``token``; rows ``(seq, <EVENT_COLUMNS>)``, the event columns NULL when the event
-        is gone."""
+        is gone. ``ordered``: only claims with no older claim of their key left."""
         ...
 
     def ack(self, conn: Connection, gid: int, seqs: Sequence[int]) -> None: ...
@@ -42,8 +42,9 @@ class GroupSql(Protocol):
         now (0: free them); the seqs that were still held."""
         ...
 
-    def add_claims(self, conn: Connection, gid: int, claims: Sequence[tuple[int, str]]) -> None:
-        """One free claim per ``(seq, event_id)``."""
+    def add_claims(self, conn: Connection, gid: int,
+                   claims: Sequence[tuple[int, str, str]]) -> None:
+        """One free claim per ``(seq, event_id, key)``."""
         ...
 
     def advance(self, conn: Connection, gid: int, old: tuple[int, int], new: tuple[int, int],
@@ -70,21 +71,34 @@ class PostgresGroupSql:
         acks = "CAST(:acks AS bigint[])"
         lease: sa.BindParameter[float] = sa.bindparam("lease", type_=sa.Double())
         # Deferred acknowledgements ride along with the next claim: one round trip.
-        self._claim = sa.text(
-            f"WITH acked AS (DELETE FROM {ct} WHERE group_id = :gid AND seq = ANY({acks})), "
-            f"pick AS (SELECT group_id, seq FROM {ct} WHERE group_id = :gid "
-            f"AND lease_until <= {now} AND NOT (seq = ANY({acks})) AND {fast} "
-            f"ORDER BY seq LIMIT :n FOR UPDATE SKIP LOCKED), "
-            f"claimed AS (UPDATE {ct} AS c SET lease_until = {now} + :lease, token = :token, "
-            f"deliveries = c.deliveries + 1 FROM pick "
-            f"WHERE c.group_id = pick.group_id AND c.seq = pick.seq RETURNING c.seq) "
-            f"SELECT claimed.seq, {cols} FROM claimed LEFT JOIN {et} AS t "
-            f"ON t.seq = claimed.seq ORDER BY claimed.seq"
-        ).bindparams(lease)
+        # Ordered groups skip a claim while an older claim of its key is left (the CTE's
+        # DELETE is not visible to the same statement, hence the acks excluded by hand); a
+        # claim another member is taking is locked (skipped) but still seen by NOT EXISTS.
+        older = (f"AND (p.key = '' OR NOT EXISTS (SELECT 1 FROM {ct} AS o "
+                 f"WHERE o.group_id = :gid AND o.key = p.key AND o.seq < p.seq "
+                 f"AND NOT (o.seq = ANY({acks})))) ")
+
+        def claim_sql(extra: str) -> sa.TextClause:
+            return sa.text(
+                f"WITH acked AS (DELETE FROM {ct} WHERE group_id = :gid "
+                f"AND seq = ANY({acks})), "
+                f"pick AS (SELECT p.group_id, p.seq FROM {ct} AS p WHERE p.group_id = :gid "
+                f"AND p.lease_until <= {now} AND NOT (p.seq = ANY({acks})) {extra}AND {fast} "
+                f"ORDER BY p.seq LIMIT :n FOR UPDATE SKIP LOCKED), "
+                f"claimed AS (UPDATE {ct} AS c SET lease_until = {now} + :lease, "
+                f"token = :token, deliveries = c.deliveries + 1 FROM pick "
+                f"WHERE c.group_id = pick.group_id AND c.seq = pick.seq RETURNING c.seq) "
+                f"SELECT claimed.seq, {cols} FROM claimed LEFT JOIN {et} AS t "
+                f"ON t.seq = claimed.seq ORDER BY claimed.seq"
+            ).bindparams(lease)
+
+        self._claim = claim_sql("")
+        self._claim_ordered = claim_sql(older)
         self._add = sa.text(
-            f"INSERT INTO {ct} (group_id, seq, event_id, lease_until, token, deliveries) "
-            f"SELECT :gid, u.seq, u.id, 0, '', 0 FROM "
-            f"unnest(CAST(:seqs AS bigint[]), CAST(:ids AS uuid[])) AS u(seq, id)"
+            f"INSERT INTO {ct} (group_id, seq, event_id, lease_until, token, deliveries, key) "
+            f"SELECT :gid, u.seq, u.id, 0, '', 0, u.key FROM "
+            f"unnest(CAST(:seqs AS bigint[]), CAST(:ids AS uuid[]), CAST(:keys AS text[])) "
+            f"AS u(seq, id, key)"
         )
         # The cursor's compare-and-set and the claims it adds in one statement (its own
         # transaction in autocommit): the filler's read needs no transaction around it, so a
@@ -111,8 +125,9 @@ class PostgresGroupSql:
         ).bindparams(lease)
 
     def claim(self, conn: Connection, gid: int, acks: Sequence[int], n: int, lease: float,
-              token: str) -> Sequence[Any]:
-        return conn.execute(self._claim, {"gid": gid, "acks": list(acks), "n": n, "lease": lease,
+              token: str, *, ordered: bool = False) -> Sequence[Any]:
+        sql = self._claim_ordered if ordered else self._claim
+        return conn.execute(sql, {"gid": gid, "acks": list(acks), "n": n, "lease": lease,
                                           "token": token}).all()
 
     def ack(self, conn: Connection, gid: int, seqs: Sequence[int]) -> None:
@@ -124,9 +139,10 @@ class PostgresGroupSql:
                                           "tokens": [t for _, t in held], "lease": lease}).all()
         return {int(r[0]) for r in rows}
 
-    def add_claims(self, conn: Connection, gid: int, claims: Sequence[tuple[int, str]]) -> None:
-        conn.execute(self._add, {"gid": gid, "seqs": [s for s, _ in claims],
-                                 "ids": [i for _, i in claims]})
+    def add_claims(self, conn: Connection, gid: int,
+                   claims: Sequence[tuple[int, str, str]]) -> None:
+        conn.execute(self._add, {"gid": gid, "seqs": [c[0] for c in claims],
+                                 "ids": [c[1] for c in claims], "keys": [c[2] for c in claims]})
 
     def advance(self, conn: Connection, gid: int, old: tuple[int, int], new: tuple[int, int],
                 claims: Sequence[tuple[int, str]]) -> bool:
@@ -149,22 +165,31 @@ class GenericGroupSql:
         self._g = tables.groups
         gid = sa.bindparam("p_gid", type_=sa.Integer())
         now: sa.BindParameter[float] = sa.bindparam("p_now", type_=sa.Double())
-        free = (
-            sa.select(c.c.seq)
-            .where(c.c.group_id == gid, c.c.lease_until <= now)
-            .order_by(c.c.seq)
-            .limit(sa.bindparam("p_n", type_=sa.Integer()))
-            .scalar_subquery()
-        )
-        # One statement: the database takes its write lock for it, so two members never
-        # take the same claim (the token then finds exactly this batch).
-        self._take = (
-            c.update()
-            .where(c.c.group_id == gid, c.c.seq.in_(free))
-            .values(lease_until=now + sa.bindparam("p_lease", type_=sa.Double()),
-                    token=sa.bindparam("p_token", type_=sa.String()),
-                    deliveries=c.c.deliveries + 1)
-        )
+        older = c.alias("o")
+        # Ordered groups: no older claim of the same key is left (acks are deleted first).
+        first_of_key = sa.or_(c.c.key == "", ~sa.exists().where(
+            older.c.group_id == c.c.group_id, older.c.key == c.c.key, older.c.seq < c.c.seq))
+
+        def take(*extra: sa.ColumnElement[bool]) -> sa.Update:
+            free = (
+                sa.select(c.c.seq)
+                .where(c.c.group_id == gid, c.c.lease_until <= now, *extra)
+                .order_by(c.c.seq)
+                .limit(sa.bindparam("p_n", type_=sa.Integer()))
+                .scalar_subquery()
+            )
+            # One statement: the database takes its write lock for it, so two members never
+            # take the same claim (the token then finds exactly this batch).
+            return (
+                c.update()
+                .where(c.c.group_id == gid, c.c.seq.in_(free))
+                .values(lease_until=now + sa.bindparam("p_lease", type_=sa.Double()),
+                        token=sa.bindparam("p_token", type_=sa.String()),
+                        deliveries=c.c.deliveries + 1)
+            )
+
+        self._take = take()
+        self._take_ordered = take(first_of_key)
         self._taken = (
             sa.select(c.c.seq, *(t.c[n] for n in EVENT_COLUMNS))
             .select_from(c.outerjoin(t, t.c.seq == c.c.seq))
@@ -179,11 +204,12 @@ class GenericGroupSql:
         )
 
     def claim(self, conn: Connection, gid: int, acks: Sequence[int], n: int, lease: float,
-              token: str) -> Sequence[Any]:
+              token: str, *, ordered: bool = False) -> Sequence[Any]:
         if acks:
             self.ack(conn, gid, acks)
         params = {"p_gid": gid, "p_now": time.time(), "p_n": n, "p_lease": lease, "p_token": token}
-        if not conn.execute(self._take, params).rowcount:
+        take = self._take_ordered if ordered else self._take
+        if not conn.execute(take, params).rowcount:
             return []
         return conn.execute(self._taken, params).all()
 
@@ -204,11 +230,12 @@ class GenericGroupSql:
                 kept.add(seq)
         return kept
 
-    def add_claims(self, conn: Connection, gid: int, claims: Sequence[tuple[int, str]]) -> None:
+    def add_claims(self, conn: Connection, gid: int,
+                   claims: Sequence[tuple[int, str, str]]) -> None:
         conn.execute(self._c.insert(), [
             {"group_id": gid, "seq": seq, "event_id": event_id, "lease_until": 0.0, "token": "",
-             "deliveries": 0}
-            for seq, event_id in claims
+             "deliveries": 0, "key": key}
+            for seq, event_id, key in claims
         ])
 
     def advance(self, conn: Connection, gid: int, old: tuple[int, int], new: tuple[int, int],

@@ -128,7 +128,7 @@ class GroupStore:
             start = Start.parse(row[2]) if row[2] else None
             rows = conn.execute(self._dialect.claimable(old, limit)).all()
             cursor, held, claims = old, False, []
-            for seq, event_id, etype, tx, ready in rows:
+            for seq, event_id, etype, key, tx, ready in rows:
                 if not ready:
                     held = True
                     break
@@ -136,7 +136,7 @@ class GroupStore:
                 if start is not None and start.before(*cursor):
                     continue  # visible when the group was created: before its start
                 if stream.wants(etype):
-                    claims.append((int(seq), str(event_id)))
+                    claims.append((int(seq), str(event_id), key or ""))
             if cursor == old:
                 return 0, held
             if not self._sql.advance(conn, gid, old, cursor, claims):
@@ -156,7 +156,8 @@ class GroupStore:
         token = stream.member + uuid.uuid4().hex[:16]
         claimed_at = time.monotonic()
         with self._db.one_statement() as conn:
-            rows = self._sql.claim(conn, stream.group_id, acks, n, stream.lease, token)
+            rows = self._sql.claim(conn, stream.group_id, acks, n, stream.lease, token,
+                                   ordered=stream.ordered)
         out: list[DbDelivery] = []
         gone: list[int] = []
         for row in rows:
@@ -167,6 +168,8 @@ class GroupStore:
             out.append(DbDelivery(row_event(row[1:]), stream, seq, token, claimed_at))
         if gone:
             stream.ack_later(gone)
+        if acks and stream.ordered:
+            self._keys_released()
         if out:
             with self._lock:
                 self.consumed += len(out)
@@ -175,6 +178,15 @@ class GroupStore:
     def ack(self, stream: DbGroupStream, seqs: list[int]) -> None:
         with self._db.one_statement() as conn:
             self._sql.ack(conn, stream.group_id, seqs)
+        if stream.ordered:
+            self._keys_released()
+
+    def _keys_released(self) -> None:
+        """Acknowledgements of an ordered group were written: the next claim of each of
+        their keys is free now, so wake the members (here and elsewhere) at once rather than
+        at their backstop."""
+        self._waker.wake()
+        self._announce()
 
     def relet(self, stream: DbGroupStream, deliveries: list[DbDelivery], lease: float) -> set[int]:
         if not deliveries:
@@ -267,8 +279,10 @@ class DbGroupStream(Closeable):
 
     def __init__(self, store: GroupStore, waker: Waker, group_id: int, group: str, pattern: str,
                  lease: float, *, prefetch: int, idle: float,
-                 provider_closed: Callable[[], bool]) -> None:
+                 provider_closed: Callable[[], bool], ordered: bool = False) -> None:
         self.store = store
+        #: Take a claim only when no older claim of its key is left in the group.
+        self.ordered = ordered
         self.group_id = group_id
         self.group = group
         self.pattern = pattern

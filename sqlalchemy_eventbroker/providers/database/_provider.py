@@ -475,8 +475,13 @@ class DatabaseProvider(ProviderBase):
 
     # -- groups ------------------------------------------------------------------------
 
-    def group_stream(self, pattern: str, group: str, *, lease: float = 30.0) -> DbGroupStream:
+    def group_stream(self, pattern: str, group: str, *, lease: float = 30.0,
+                     ordered: bool = False) -> DbGroupStream:
         """Join the consumer group ``(group, pattern)``, creating it at the tail if new.
+
+        ``ordered``: take a claim only when no older claim of the same key is left in the
+        group, so no two members hold one key and a key goes oldest first (every member of
+        the group should ask for it).
 
         Raises:
             PatternError: the pattern is malformed.
@@ -495,6 +500,7 @@ class DatabaseProvider(ProviderBase):
         stream = DbGroupStream(
             self._groups, self._waker, group_id, group, pattern, float(lease),
             prefetch=self.group_prefetch, idle=idle, provider_closed=lambda: self._closed,
+            ordered=ordered,
         )
         with self._lock:
             self._group_streams.add(stream)

@@ -63,7 +63,7 @@ __all__ = [
 ]
 
 #: The newest migration in ``migrations/versions``; ``create_schema()`` stamps it.
-HEAD_REVISION = "0004_inbox"
+HEAD_REVISION = "0005_claim_key"
 
 #: The columns that hold an ``Event``'s fields, in ``Event`` field order.
 EVENT_COLUMNS = (
@@ -252,8 +252,12 @@ def build_tables(
         sa.Column("lease_until", sa.Double(), nullable=False),
         sa.Column("token", sa.String(32), nullable=False),
         sa.Column("deliveries", sa.Integer(), nullable=False),
+        # The event's ordering key: an ordered group's member skips a claim while an older
+        # claim of its key is left (see _group_sql). Empty: not ordered.
+        sa.Column("key", sa.Text(), nullable=False, server_default=sa.text("''")),
         # No index on lease_until: members scan the primary key (group_id, seq) in order and
         # stop at the first free claim, and lease updates stay HOT (no index entry changes).
+        sa.Index(f"ix_{t}_claims_key", "group_id", "key", "seq"),
     )
     return EventTables(md, events, groups, claims)
 
