@@ -23,15 +23,16 @@ from collections.abc import Sequence
 from . import _report
 from ._report import FAIL, NA, PASS, Row
 
-MEASUREMENTS = ("capture", "dispatch", "crossprocess", "groups", "memory", "writers", "inbox")
+MEASUREMENTS = ("capture", "dispatch", "crossprocess", "groups", "memory", "writers", "inbox",
+                "ordered")
 #: Runs per measurement when --runs is not given. Timed figures are medians of 3 runs; the
 #: group drain (whose target is a count: nothing handled twice or lost) and the RSS growth
 #: run once; the concurrent writers run twice (about 80 s). --quick keeps 3 runs for the cheap
 #: in-process figures, one for the rest.
 FULL_RUNS = {"capture": 3, "dispatch": 3, "crossprocess": 3, "groups": 1, "memory": 1,
-             "writers": 2, "inbox": 3}
+             "writers": 2, "inbox": 3, "ordered": 3}
 QUICK_RUNS = {"capture": 3, "dispatch": 3, "crossprocess": 1, "groups": 1, "memory": 1,
-              "writers": 1, "inbox": 3}
+              "writers": 1, "inbox": 3, "ordered": 1}
 
 
 def _profile_failures(enabled: bool) -> callable:  # type: ignore[valid-type]
