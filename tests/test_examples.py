@@ -95,3 +95,12 @@ def test_inbox__each_order_invoiced_once() -> None:
     out = proc.stdout
     assert "deliveries: 7" in out and "function calls: 4" in out, out
     assert "each order invoiced once" in out and "purged 3 inbox rows" in out, out
+
+
+def test_ordered__two_replicas_keep_each_orders_commit_order() -> None:
+    """examples/ordered.py: an ordered group over two replicas handles each order's create,
+    paid and shipped in commit order, never two of one order at once, on both replicas."""
+    proc = _run("examples/ordered.py")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "every order's events handled in commit order, never two at once" in proc.stdout
+    assert "main.orders:1 -> new -> paid -> shipped" in proc.stdout
