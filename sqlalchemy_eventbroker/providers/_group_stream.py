@@ -10,6 +10,19 @@ is retried with capped backoff while the backend is unreachable.
 
 The backend-specific parts are four hooks: :meth:`BufferedGroupStream._fill` (fetch into the
 buffer), ``_ack``, ``_renew`` and ``_shut`` (closing).
+
+**Ordered groups** (``ordered=True``) have one active member at a time, as RabbitMQ's single
+active consumer: members compete for the group's leadership, a lease in the backend
+(``_lead``/``_resign``), and only the leader fetches; its broker runs different keys on its
+workers in parallel and one key at a time. Neither backend can take "the oldest unfinished
+event of a key" atomically across members (Redis could in a script, but not without keeping
+a queue per key; JetStream cannot), and this keeps one mechanism for both. A new leader
+first takes over what the previous one left unacknowledged (``_take_over``), oldest first,
+so a key's next event never overtakes the one a killed leader held. The cost: an ordered
+group runs at one member's speed, and failover waits for the leadership lease to lapse.
+The leadership is renewed with every lease renewal of a delivery, so a leader busy in long
+handlers keeps it; a leader cut off from the backend for a whole lease can lose it while a
+handler still runs (as every lease without fencing can).
 """
 
 from __future__ import annotations
@@ -18,6 +31,7 @@ import collections
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_checkable
 
@@ -79,6 +93,8 @@ class BufferedDelivery(Generic[TokenT]):
         if not self.done:
             self._stream._renew((self,))
             self.received_at = time.monotonic()
+            if self._stream.ordered:
+                self._stream._keep_lead(acquire=False)
 
     def __repr__(self) -> str:
         return f"<{self._stream.kind} delivery {self.event.type} {self.event.id}>"
@@ -94,8 +110,14 @@ class BufferedGroupStream(Closeable, Generic[TokenT]):
     kind = ""
 
     def __init__(self, provider: RemoteProvider[Any], pattern: str, group: str, lease: float,
-                 *, name: str, reconnect_max_delay: float) -> None:
+                 *, name: str, reconnect_max_delay: float, ordered: bool = False) -> None:
         self._p = provider
+        #: One active member at a time (see the module docstring).
+        self.ordered = ordered
+        self._lead_token = uuid.uuid4().hex
+        self._leading = False
+        self._lead_due = 0.0  # time.monotonic() when the leadership is renewed next
+        self._lead_lock = threading.Lock()
         self.pattern = pattern
         self.group = group
         self.lease = lease
@@ -137,6 +159,14 @@ class BufferedGroupStream(Closeable, Generic[TokenT]):
             while True:
                 if self._closed.is_set():
                     raise StopIteration
+                if self.ordered and not self._keep_lead(acquire=True):
+                    # A standby member: look again when the leader's lease may have lapsed.
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return []
+                    pause = self.lease / 4
+                    self._closed.wait(pause if remaining is None else min(pause, remaining))
+                    continue
                 self._before_take()
                 out: list[BufferedDelivery[TokenT]] = []
                 while len(out) < limit:
@@ -194,12 +224,50 @@ class BufferedGroupStream(Closeable, Generic[TokenT]):
             return self._buffer.popleft()
         return None
 
+    def _keep_lead(self, *, acquire: bool) -> bool:
+        """Ordered groups: whether this member leads the group, renewing the leadership every
+        ``lease / 3`` (and taking it when ``acquire`` and it is free or lapsed).
+
+        On becoming the leader it takes over what the previous leader left unacknowledged
+        before anything new; on losing it, it drops its buffer (the backend hands those out
+        again, to the new leader).
+        """
+        with self._lead_lock:
+            now = time.monotonic()
+            if self._leading and now < self._lead_due:
+                return True
+            if not self._leading and not acquire:
+                return False
+            try:
+                held = self._lead(self._lead_token)
+            except Exception as exc:
+                log.warning("%s group %s: leadership check failed: %s", self.kind, self.name, exc)
+                held = False
+            was = self._leading
+            self._leading = held
+            self._lead_due = now + self.lease / 3
+            if held and not was:
+                log.info("%s group %s: this member (%s) leads the ordered group", self.kind,
+                         self.name, self._lead_token[:8])
+                self._take_over()
+            elif was and not held:
+                log.warning("%s group %s: lost the leadership of the ordered group", self.kind,
+                            self.name)
+                self._buffer.clear()
+            return held
+
     def close(self) -> None:
         """Stop receiving (idempotent); unacknowledged deliveries go to other members."""
         if self._closed.is_set():
             return
         self._closed.set()
         self._shut()
+        if self.ordered and self._leading:
+            try:
+                self._resign(self._lead_token)
+            except Exception as exc:  # it lapses by itself after one lease
+                log.debug("%s group %s: resign: %s", self.kind, self.name, exc)
+            self._leading = False
         self._p._forget_group(self)
 
     def __repr__(self) -> str:
@@ -228,4 +296,18 @@ class BufferedGroupStream(Closeable, Generic[TokenT]):
 
     def _shut(self) -> None:
         """Release the member's resources; ``_closed`` is already set."""
+        raise NotImplementedError  # pragma: no cover
+
+    def _lead(self, token: str) -> bool:
+        """Ordered groups: take or renew the group's leadership for ``token`` (one lease from
+        now); whether ``token`` holds it."""
+        raise NotImplementedError  # pragma: no cover
+
+    def _resign(self, token: str) -> None:
+        """Ordered groups: give the leadership up, if ``token`` still holds it."""
+        raise NotImplementedError  # pragma: no cover
+
+    def _take_over(self) -> None:
+        """Ordered groups, on becoming the leader: make what the previous leader left
+        unacknowledged come first (oldest first), before anything new is fetched."""
         raise NotImplementedError  # pragma: no cover

@@ -107,23 +107,21 @@ class RemoteProvider(ProviderBase, Generic[StreamT]):
 
     def group_stream(self, pattern: str, group: str, *, lease: float = 30.0,
                      ordered: bool = False) -> GroupStream:
-        """A competing-consumer member of ``(group, pattern)`` (see the module docstring)."""
+        """A competing-consumer member of ``(group, pattern)`` (see the module docstring);
+        ``ordered``: one active member at a time (see ``_group_stream``)."""
         validate_pattern(pattern)
-        if ordered:
-            raise ProviderError(
-                f"{self.provider_type} at {self._address}: ordered consumer groups are not "
-                "available on this backend yet (ordered fan-out subscriptions are)")
         if not group:
             raise ValueError("group_stream: group must not be empty")
         if lease <= 0:
             raise ValueError(f"group_stream: lease must be > 0, got {lease}")
         self._check_open()
-        g = self._open_group(pattern, group, lease)
+        g = self._open_group(pattern, group, lease, ordered)
         with self._lock:
             self._groups.append(g)
         return g
 
-    def _open_group(self, pattern: str, group: str, lease: float) -> BufferedGroupStream[Any]:
+    def _open_group(self, pattern: str, group: str, lease: float,
+                    ordered: bool) -> BufferedGroupStream[Any]:
         raise NotImplementedError  # pragma: no cover - every subclass defines it
 
     def _forget_group(self, g: BufferedGroupStream[Any]) -> None:

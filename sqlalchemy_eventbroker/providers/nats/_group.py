@@ -22,7 +22,8 @@ from nats.js import api
 from ...event import Event
 from .._group_stream import BufferedDelivery, BufferedGroupStream
 from .._loop import LoopClosed
-from ._names import safe_name, subject_filter, unique_safe_name
+from ._connection import ensure_bucket
+from ._names import lead_bucket_name, safe_name, subject_filter, unique_safe_name
 
 if TYPE_CHECKING:
     from ._provider import NatsProvider
@@ -55,12 +56,17 @@ class NatsGroupStream(BufferedGroupStream[Msg]):
     kind = "nats"
     _p: NatsProvider
 
-    def __init__(self, provider: NatsProvider, pattern: str, group: str, lease: float) -> None:
+    def __init__(self, provider: NatsProvider, pattern: str, group: str, lease: float,
+                 *, ordered: bool = False) -> None:
         digest = hashlib.sha1(f"{group}\0{pattern}".encode()).hexdigest()[:12]
         super().__init__(
             provider, pattern, group, lease,
             name=f"{unique_safe_name(provider.consumer_group)}-{safe_name(group)[:64]}-{digest}",
-            reconnect_max_delay=0.5)
+            reconnect_max_delay=0.5, ordered=ordered)
+        #: Ordered groups: the bucket naming each group's leader, and whether this member
+        #: took the leadership from one whose lease lapsed (it died: see _take_over).
+        self._lead_kv: Any = None
+        self._lapsed = False
         self.subject = subject_filter(provider.subject_prefix, pattern)
         self._fetching: concurrent.futures.Future[None] | None = None
         self._next = _NEXT.format(stream=provider.stream_name, consumer=self.name)
@@ -236,6 +242,76 @@ class NatsGroupStream(BufferedGroupStream[Msg]):
             delivery.received_at = at
             self._buffer.append(delivery)
         return len(arrived)
+
+    # -- ordered groups: leadership ------------------------------------------------------------
+    #
+    # One key per group in the bucket ``<stream>_lead``, holding "<token> <until>" (wall-clock
+    # seconds): nats-server 2.9 has no per-key expiry, so a lapsed leader is one whose "until"
+    # passed, and every change is a compare-and-set on the key's revision.
+
+    def _lead(self, token: str) -> bool:
+        with self._p._translate_errors():
+            held: bool = self._p._loop.run(self._lead_async(token), self._p.request_timeout * 2)
+            return held
+
+    async def _lead_async(self, token: str) -> bool:
+        if self._lead_kv is None:
+            self._lead_kv = await ensure_bucket(
+                self._p._js, lead_bucket_name(self._p.stream_name), self._p.stream_name,
+                storage=self._p.storage, max_age=0, history=1)
+        kv = self._lead_kv
+        now = time.time()
+        mine = f"{token} {now + self.lease:.3f}".encode()
+        try:
+            entry = await kv.get(self.name)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            entry = None
+        try:
+            if entry is None or not entry.value:
+                await kv.create(self.name, mine)
+                self._lapsed = False
+                return True
+            holder, _, until = entry.value.decode().partition(" ")
+            if holder != token and float(until or 0) > now:
+                return False
+            if holder != token:
+                self._lapsed = True
+            await kv.update(self.name, mine, last=entry.revision)
+            return True
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False  # another member changed it first
+
+    def _resign(self, token: str) -> None:
+        async def resign() -> None:
+            kv = self._lead_kv
+            if kv is None:
+                return
+            try:
+                entry = await kv.get(self.name)
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                return
+            if entry.value and entry.value.decode().partition(" ")[0] == token:
+                with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
+                    await kv.delete(self.name, last=entry.revision)
+
+        with self._p._translate_errors():
+            self._p._loop.run(resign(), self._p.request_timeout * 2)
+
+    def _take_over(self) -> None:
+        """After a leader whose lease lapsed (it died): wait until JetStream treats its
+        unacknowledged messages as expired (``ack_wait`` is the lease, and it renewed them
+        no later than its leadership), so that they come back first, oldest first, before
+        anything new (the server hands out redeliveries before new messages). The
+        leadership is kept meanwhile. A leader that resigned nak'ed what it had: nothing to
+        wait for."""
+        if not self._lapsed:
+            return
+        self._lapsed = False
+        until = time.monotonic() + self.lease * 1.25
+        while not self._closed.is_set() and time.monotonic() < until:
+            self._closed.wait(min(self.lease / 3, max(0.0, until - time.monotonic())))
+            if not self._lead(self._lead_token):
+                return  # lost it meanwhile; _keep_lead notices on the next look
 
     # -- closing -------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from ...pattern import validate_pattern
 __all__ = [
     "BAD_SUBJECT",
     "bucket_name",
+    "lead_bucket_name",
     "safe_name",
     "status_bucket_name",
     "stored_prefix",
@@ -61,6 +62,12 @@ def status_bucket_name(stream_name: str) -> str:
     """The key-value bucket holding the status entries of the events of ``stream_name``:
     ``<stream_name>_status`` (unsafe characters handled as in :func:`bucket_name`)."""
     return f"{unique_safe_name(stream_name)}_status"
+
+
+def lead_bucket_name(stream_name: str) -> str:
+    """The key-value bucket naming the leader of each ordered group of ``stream_name``:
+    ``<stream_name>_lead`` (created when an ordered group is first opened)."""
+    return f"{unique_safe_name(stream_name)}_lead"
 
 
 def bucket_name(stream_name: str) -> str:

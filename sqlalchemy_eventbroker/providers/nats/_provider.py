@@ -30,6 +30,7 @@ from ._group import NatsGroupStream
 from ._names import (
     BAD_SUBJECT,
     bucket_name,
+    lead_bucket_name,
     status_bucket_name,
     stored_prefix,
     subject_filter,
@@ -492,8 +493,9 @@ class NatsProvider(RemoteProvider[_NatsFanoutStream]):
             with contextlib.suppress(*self.driver_errors):
                 self._loop.run(s.sub.unsubscribe(), self.request_timeout)
 
-    def _open_group(self, pattern: str, group: str, lease: float) -> NatsGroupStream:
-        return NatsGroupStream(self, pattern, group, lease)
+    def _open_group(self, pattern: str, group: str, lease: float,
+                    ordered: bool) -> NatsGroupStream:
+        return NatsGroupStream(self, pattern, group, lease, ordered=ordered)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -531,7 +533,8 @@ class NatsProvider(RemoteProvider[_NatsFanoutStream]):
 
         async def delete() -> None:
             for name in (self.stream_name, self._kv_stream,
-                         f"KV_{bucket_name(self.stream_name)}"):
+                         f"KV_{bucket_name(self.stream_name)}",
+                         f"KV_{lead_bucket_name(self.stream_name)}"):
                 with contextlib.suppress(nats.js.errors.NotFoundError):
                     await self._js.delete_stream(name)
 

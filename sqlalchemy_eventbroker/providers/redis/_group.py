@@ -44,6 +44,20 @@ end
 return pruned
 """
 
+# Ordered groups' leadership (see _group_stream). KEYS: the leadership key; ARGV: token, lease
+# ms -> 1 when the token holds it (renewed or taken), 0 when another live member does.
+_LEAD = """
+local cur = redis.call('GET', KEYS[1])
+if cur and cur ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+# KEYS: the leadership key; ARGV: token. Deletes it only while the token holds it.
+_RESIGN = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 
 def interrupt(client: Any) -> None:
     """Wake a thread blocked in a read on ``client`` from another thread.
@@ -83,10 +97,11 @@ class RedisGroupStream(BufferedGroupStream[str]):
     kind = "redis"
     _p: RedisProvider
 
-    def __init__(self, provider: RedisProvider, pattern: str, group: str, lease: float) -> None:
+    def __init__(self, provider: RedisProvider, pattern: str, group: str, lease: float,
+                 *, ordered: bool = False) -> None:
         super().__init__(provider, pattern, group, lease,
                          name=f"{provider.consumer_group}:{group}:{pattern}",
-                         reconnect_max_delay=provider.reconnect_max_delay)
+                         reconnect_max_delay=provider.reconnect_max_delay, ordered=ordered)
         self.consumer = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._client = provider._new_client(retries=0)
         self._pending_acks: list[str] = []
@@ -100,6 +115,10 @@ class RedisGroupStream(BufferedGroupStream[str]):
         self.prune_idle = max(10 * lease, 10 * provider.block)
         self._next_prune = 0.0
         self._prune_script = provider._client.register_script(_PRUNE)
+        #: Ordered groups: who leads (see _group_stream), one key per group.
+        self._lead_key = f"{provider.stream_name}:lead:{self.name}"
+        self._lead_script = provider._client.register_script(_LEAD)
+        self._resign_script = provider._client.register_script(_RESIGN)
         with provider._translate_errors():
             self._create_group("$")
 
@@ -237,6 +256,37 @@ class RedisGroupStream(BufferedGroupStream[str]):
                                               args=[self.name, self.consumer,
                                                     *(d.token for d in deliveries)]))
         return {d for d in deliveries if d.token in owned}
+
+    # -- ordered groups: leadership ------------------------------------------------------------
+
+    def _lead(self, token: str) -> bool:
+        with self._p._translate_errors():
+            return bool(self._lead_script(keys=[self._lead_key],
+                                          args=[token, max(1, int(self.lease * 1000))]))
+
+    def _resign(self, token: str) -> None:
+        with self._p._translate_errors():
+            self._resign_script(keys=[self._lead_key], args=[token])
+
+    def _take_over(self) -> None:
+        """Claim every entry pending in the group, oldest first, before reading new ones.
+
+        Only a leader reads an ordered group, so whatever is pending belongs to an earlier
+        leader, gone (its leadership lapsed) or resigned: it must come before anything new,
+        whatever its idle time.
+        """
+        p = self._p
+        self._flush_acks(translate=False)
+        cursor = "0-0"
+        with p._translate_errors():
+            while True:
+                cursor, entries, *_ = self._client.xautoclaim(
+                    p.stream_name, self.name, self.consumer, min_idle_time=0,
+                    start_id=cursor, count=p.batch_size)
+                self._accept(entries)
+                if cursor in ("0-0", b"0-0"):
+                    break
+        self._claim_cursor = "0-0"
 
     # -- closing -------------------------------------------------------------------------------
 

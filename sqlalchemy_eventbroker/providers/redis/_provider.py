@@ -421,8 +421,9 @@ class RedisProvider(RemoteProvider[_FanoutStream]):
             delivered += len(targets)
         return delivered
 
-    def _open_group(self, pattern: str, group: str, lease: float) -> RedisGroupStream:
-        return RedisGroupStream(self, pattern, group, lease)
+    def _open_group(self, pattern: str, group: str, lease: float,
+                    ordered: bool) -> RedisGroupStream:
+        return RedisGroupStream(self, pattern, group, lease, ordered=ordered)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
