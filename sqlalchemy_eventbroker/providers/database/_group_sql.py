@@ -48,7 +48,7 @@ class GroupSql(Protocol):
         ...
 
     def advance(self, conn: Connection, gid: int, old: tuple[int, int], new: tuple[int, int],
-                claims: Sequence[tuple[int, str]]) -> bool:
+                claims: Sequence[tuple[int, str, str]]) -> bool:
         """Move the group's cursor from ``old`` to ``new`` and add ``claims`` (free), both or
         neither: False (nothing written) when the cursor was no longer ``old``."""
         ...
@@ -107,9 +107,11 @@ class PostgresGroupSql:
         self._advance = sa.text(
             f"WITH moved AS (UPDATE {gt} SET cursor_tx = :ntx, cursor_seq = :nseq "
             f"WHERE id = :gid AND cursor_tx = :otx AND cursor_seq = :oseq RETURNING id), "
-            f"added AS (INSERT INTO {ct} (group_id, seq, event_id, lease_until, token, deliveries) "
-            f"SELECT moved.id, u.seq, u.id, 0, '', 0 FROM moved CROSS JOIN "
-            f"unnest(CAST(:seqs AS bigint[]), CAST(:ids AS uuid[])) AS u(seq, id)) "
+            f"added AS (INSERT INTO {ct} "
+            f"(group_id, seq, event_id, lease_until, token, deliveries, key) "
+            f"SELECT moved.id, u.seq, u.id, 0, '', 0, u.key FROM moved CROSS JOIN "
+            f"unnest(CAST(:seqs AS bigint[]), CAST(:ids AS uuid[]), CAST(:keys AS text[])) "
+            f"AS u(seq, id, key)) "
             f"SELECT count(*) FROM moved"
         )
         self._ack = sa.text(f"DELETE FROM {ct} WHERE group_id = :gid AND seq = ANY({acks}) AND {fast}")
@@ -145,10 +147,11 @@ class PostgresGroupSql:
                                  "ids": [c[1] for c in claims], "keys": [c[2] for c in claims]})
 
     def advance(self, conn: Connection, gid: int, old: tuple[int, int], new: tuple[int, int],
-                claims: Sequence[tuple[int, str]]) -> bool:
+                claims: Sequence[tuple[int, str, str]]) -> bool:
         return bool(conn.execute(self._advance, {
             "gid": gid, "otx": old[0], "oseq": old[1], "ntx": new[0], "nseq": new[1],
-            "seqs": [s for s, _ in claims], "ids": [i for _, i in claims],
+            "seqs": [c[0] for c in claims], "ids": [c[1] for c in claims],
+            "keys": [c[2] for c in claims],
         }).scalar())
 
     def renew(self, conn: Connection, gid: int, seq: int, token: str, lease: float) -> bool:
@@ -239,7 +242,7 @@ class GenericGroupSql:
         ])
 
     def advance(self, conn: Connection, gid: int, old: tuple[int, int], new: tuple[int, int],
-                claims: Sequence[tuple[int, str]]) -> bool:
+                claims: Sequence[tuple[int, str, str]]) -> bool:
         g = self._g
         moved = conn.execute(
             g.update()
