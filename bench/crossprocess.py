@@ -5,7 +5,8 @@ subscriber process go through three phases after a warm-up: N events in batches 
 events in batches of 100 (events/s from the first publish to the last receipt), and events
 one at a time at 200 events/s, each stamped with its send time (latency p50/p99 from before
 the publish call to the handler). Raw and library runs alternate; medians over the runs.
-Targets: throughput ≥ 0.6× raw; p99 ≤ raw p99 + 3 ms.
+Targets: throughput ≥ 0.6× raw on PostgreSQL, ≥ 0.8× on Redis and NATS (issue 12: their
+clients are the whole transport, so the library's share should be small); p99 ≤ raw p99 + 3 ms.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from ._procs import Phase, fanout_pair, percentile
 from ._report import FAIL, PASS, Row, load_profiles, median, ms, na_row, rate, ratio_row
 
 SECTION = "3. cross-process fan-out (publisher process → subscriber process)"
-#: Throughput target (× raw), every backend and batch size (PostgreSQL at batch 100 included).
-TARGET_RATE = 0.6
+#: Throughput target (× raw) per backend, every batch size.
+TARGET_RATE = {"pg": 0.6, "redis": 0.8, "nats": 0.8}
 TARGET_P99_MS = 3.0
 BACKENDS = {"pg": ("PostgreSQL", PG_ADMIN_URL), "redis": ("Redis", REDIS_URL),
             "nats": ("NATS", NATS_URL)}
@@ -125,14 +126,14 @@ def _backend(backend: str, label: str, pg_url: str, ph: list[Phase], runs: int) 
         lib = [r[name]["rate"] for r in results["lib"]]
         if lib_missing:
             rows.append(na_row(SECTION, title, lib_missing, raw=rate(median(raw)),
-                               target=f"≥ {TARGET_RATE:g}×"))
+                               target=f"≥ {TARGET_RATE[backend]:g}×"))
             continue
         if not lib or not raw:
             rows.append(Row(SECTION, title, rate(median(lib)), rate(median(raw)), "–",
-                            f"≥ {TARGET_RATE:g}×", FAIL, errors.get("lib") or errors.get("raw", "")))
+                            f"≥ {TARGET_RATE[backend]:g}×", FAIL, errors.get("lib") or errors.get("raw", "")))
             continue
         lost = _lost(results["lib"], name)
-        row = ratio_row(SECTION, title, median(lib), median(raw), rate, at_least=TARGET_RATE,
+        row = ratio_row(SECTION, title, median(lib), median(raw), rate, at_least=TARGET_RATE[backend],
                         note=_notes(results, name))
         if lost:
             row.status = FAIL
