@@ -36,7 +36,7 @@ from .providers.base import BusProvider, Delivery, GroupStream, StatusUpdate, Tr
 from .retry import RetryPolicy
 from .tracing import start_process, start_publish
 
-__all__ = ["Job", "Pipeline", "Subscription", "Way"]
+__all__ = ["Job", "Pipeline", "Subscription", "Way", "call_handler"]
 
 log = logging.getLogger("sqlalchemy_eventbroker.broker")
 
@@ -368,19 +368,8 @@ class Pipeline:
         return self._conclude(job) if done else None
 
     def _call(self, sub: Subscription, event: Event) -> BaseException | None:
-        """The one place a handler is called: with its own copy of the event, in a
-        ``process`` span when tracing is configured (tracing.py)."""
-        span = None if start_process is None else start_process(event, sub.group)
-        try:
-            result = sub.handler(event.clone())
-            if result is not None and inspect.isawaitable(result):
-                self.runner.run(result)
-            failure = None
-        except BaseException as exc:  # KeyboardInterrupt too: the event must still end
-            failure = exc
-        if span is not None:
-            span.end(failure)
-        return failure
+        """A subscription's handler, with its own copy of the event."""
+        return call_handler(sub.handler, event.clone(), sub.group, self.runner)
 
     def _attempt(self, job: Job, sub: Subscription, exc: BaseException) -> float | None:
         """The retry state machine: after a failed call, the delay before the next attempt,
@@ -568,6 +557,24 @@ def _gate_key(event: Event, subs: Sequence[Subscription]) -> str | None:
         if sub.ordered:
             return key if sub.group is None else f"{sub.group}\x00{key}"
     return None
+
+
+def call_handler(handler: Handler, event: Event, group: str | None,
+                 runner: AsyncRunner) -> BaseException | None:
+    """The one place a handler is called (subscriptions and replay): awaited on ``runner``
+    when it is ``async``, in a ``process`` span when tracing is configured (tracing.py).
+    Returns what it raised (KeyboardInterrupt too: the event must still end), else None."""
+    span = None if start_process is None else start_process(event, group)
+    try:
+        result = handler(event)
+        if result is not None and inspect.isawaitable(result):
+            runner.run(result)
+        failure = None
+    except BaseException as exc:
+        failure = exc
+    if span is not None:
+        span.end(failure)
+    return failure
 
 
 def _interrupt_of(job: Job) -> BaseException | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import inspect
 import itertools
 import logging
 import socket
@@ -26,7 +25,15 @@ from typing import Any, Self
 from prometheus_client import CollectorRegistry
 
 from ._bus import Bus
-from ._pipeline import CAPTURED, PUBLISHED, WRITTEN, Pipeline, Subscription, raise_failures
+from ._pipeline import (
+    CAPTURED,
+    PUBLISHED,
+    WRITTEN,
+    Pipeline,
+    Subscription,
+    call_handler,
+    raise_failures,
+)
 from ._types import Handler, SubscriptionID
 from .errors import BrokerStopped, ConfigError, HandlerError, SubscriptionNotFound
 from .event import FIELD_LIMITS, Event, EventStatus
@@ -484,6 +491,7 @@ class Broker:
         ``since`` (a datetime, or a timedelta meaning "that long ago") overrides the filter's
         ``start_time``. Events are read in pages, so memory stays flat for large histories.
         Returns how many events were fed. A handler exception stops the replay and propagates.
+        Each call runs in a ``process`` span when tracing is configured, as a handler's does.
         """
         if isinstance(pattern_or_filter, EventFilter):
             flt = pattern_or_filter
@@ -495,10 +503,11 @@ class Broker:
                 else since
             flt = _replace(flt, start_time=start)
         count = 0
+        runner = self._pipeline.runner
         for event in self._pipeline.provider.iter_events(flt):
-            result = handler(event)
-            if inspect.isawaitable(result):
-                self._pipeline.runner.run(result)
+            failure = call_handler(handler, event, None, runner)
+            if failure is not None:
+                raise failure
             count += 1
         return count
 

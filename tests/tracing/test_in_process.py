@@ -103,6 +103,32 @@ def test_publish_sync__publish_and_process_spans_continue_the_callers_trace(
         assert span.status.status_code is not StatusCode.ERROR
 
 
+def test_replay__each_handler_call_continues_the_stored_trace(
+        spans: Spans, make_broker: Callable[..., Broker]) -> None:
+    """replay feeds stored events to a handler: each call is a ``process`` span, a child of
+    the ``publish`` span whose context the stored event carries; a raising handler's span
+    records the error and the exception still stops the replay."""
+    broker = make_broker(mode="sync")
+    event = _event()
+    with trace.get_tracer("test").start_as_current_span("request"):
+        broker.publish_sync(event)
+    publish = spans.one("publish shop.order.placed")
+
+    fed: list[str] = []
+    assert broker.replay("shop.*.*", lambda e: fed.append(e.id)) == 1
+    assert fed == [event.id]
+    (process,) = spans.named("process shop.order.placed")
+    assert_child(process, publish)
+
+    def fail(e: Event) -> None:
+        raise RuntimeError("replay handler down")
+
+    with pytest.raises(RuntimeError, match="replay handler down"):
+        broker.replay("shop.*.*", fail)
+    failed = spans.named("process shop.order.placed")[-1]
+    assert failed.status.status_code is StatusCode.ERROR
+
+
 def test_publish_async__the_worker_continues_the_trace(
         spans: Spans, make_broker: Callable[..., Broker]) -> None:
     """publish_async: the handler runs on a worker thread, in a span parented on the stored
