@@ -175,19 +175,19 @@ _CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(params=["postgres", "redis", "nats"])
+@pytest.fixture(params=["sqlite", "postgres", "redis", "nats"])
 def backend(request: pytest.FixtureRequest, unique_name: str
             ) -> Iterator[tuple[str, str, Callable[[], Any]]]:
     """(kind, url, provider factory) for the kill -9 test; cleaned up afterwards."""
     kind = request.param
     made: list[Any] = []
-    if kind == "postgres":
-        url = request.getfixturevalue("postgres_url")
+    if kind in ("sqlite", "postgres"):
+        url = request.getfixturevalue(f"{kind}_url")
         with DatabaseProvider(url) as p:
             p.create_schema()
 
         def factory() -> Any:
-            return DatabaseProvider(url)
+            return DatabaseProvider(url, poll_interval=0.05)
     else:
         url, factory = _remote(kind, request, unique_name)
 
@@ -199,7 +199,7 @@ def backend(request: pytest.FixtureRequest, unique_name: str
     yield kind, url, make
     for p in made:
         p.close()
-    if kind != "postgres":
+    if kind in ("redis", "nats"):
         cleaner = factory()
         cleaner.drop()
         cleaner.close()
