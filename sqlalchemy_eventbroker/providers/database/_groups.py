@@ -24,10 +24,11 @@ from ..._threads import QuietThread
 from ...errors import ProviderError
 from ...event import Event
 from ...pattern import compile_pattern
+from .._backoff import Backoff
 from ..base import Closeable
 from ._codec import row_event
 from ._reader import Start
-from ._wake import Backoff, Waker
+from ._wake import Waker
 
 if TYPE_CHECKING:
     from ._dialect import Dialect
@@ -325,7 +326,7 @@ class DbGroupStream(Closeable):
             StopIteration: the stream (or its provider) was closed.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        soon = Backoff(0.01, 0.25)
+        soon = Backoff(0.25, base=0.01)
         limit = max(1, limit)
         while True:
             if self._closed.is_set() or self._provider_closed():

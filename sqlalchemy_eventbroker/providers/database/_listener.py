@@ -25,9 +25,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..._threads import QuietThread
+from .._backoff import Backoff
 from ._engine import psycopg_connection
 from ._reader import Cursor, FanOut, Page
-from ._wake import Backoff, Waker
+from ._wake import Waker
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -80,7 +81,7 @@ class Announcer:
             thread.join(timeout=10)
 
     def _run(self) -> None:
-        retry = Backoff(0.05, 5.0)
+        retry = Backoff(5.0, base=0.05)
         while True:
             with self._cond:
                 while not self._asked and not self._stopping:
@@ -184,7 +185,7 @@ class Listener:
     # -- the loop --
 
     def _run(self) -> None:
-        retry = Backoff(0.05, 5.0)
+        retry = Backoff(5.0, base=0.05)
         first = True
         while not self._stopping.is_set():
             try:
@@ -210,7 +211,7 @@ class Listener:
     def _loop(self, retry: Backoff) -> None:
         # Held-back rows wait for some other transaction to end, usually a short one (a
         # status write, a claim): look again within milliseconds, then less often.
-        soon = Backoff(0.002, 0.25)
+        soon = Backoff(0.25, base=0.002)
         while not self._stopping.is_set():
             held = self._drain()
             retry.reset()

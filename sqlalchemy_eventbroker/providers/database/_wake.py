@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-__all__ = ["Backoff", "Waker"]
+__all__ = ["Waker"]
 
 
 class Waker:
@@ -41,17 +41,3 @@ class Waker:
             self._closed = True
             self._gen += 1
             self._cond.notify_all()
-
-
-class Backoff:
-    """Capped exponential delays: ``first``, ×2 each call, at most ``cap``."""
-
-    def __init__(self, first: float, cap: float) -> None:
-        self.first, self.cap, self._next = first, cap, first
-
-    def next(self) -> float:
-        delay, self._next = self._next, min(self._next * 2, self.cap)
-        return delay
-
-    def reset(self) -> None:
-        self._next = self.first
