@@ -8,9 +8,9 @@ order a stream delivered them), never by the workers that pop them: two workers 
 
 A ticket that finds its key held is parked behind the holder, keeping its queue place, and
 is handed on (:meth:`KeyGate.leave`) when the holder concluded: after its retries, whether
-it completed or failed. Other keys never wait for it. The gate knows nothing of jobs or
-threads: a ticket is whatever the caller needs to resume the parked work (a job to queue,
-an ``threading.Event`` a caller thread waits on).
+it completed or failed. Other keys never wait for it. A ticket is whatever the caller
+needs to resume the parked work (a job to queue); a caller thread that runs its work itself
+waits its turn in :meth:`KeyGate.wait_turn`, and :meth:`KeyGate.leave` wakes it.
 """
 
 from __future__ import annotations
@@ -29,12 +29,23 @@ class KeyGate(Generic[T]):
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        #: key -> tickets parked behind the holder (empty deque: held, nobody waiting).
-        self._held: dict[str, collections.deque[T]] = {}
+        #: key -> tickets (or waiting threads' events) parked behind the holder (empty
+        #: deque: held, nobody waiting).
+        self._held: dict[str, collections.deque[T | threading.Event]] = {}
 
     def enter(self, key: str, ticket: T) -> bool:
         """Take ``key`` for ``ticket`` (True: run it now), or park it behind the holder
         (False: it is handed back by :meth:`leave` when its turn comes)."""
+        return self._enter(key, ticket)
+
+    def wait_turn(self, key: str) -> None:
+        """Block the calling thread until it holds ``key`` (it then runs its work itself and
+        calls :meth:`leave` like any holder)."""
+        turn = threading.Event()
+        if not self._enter(key, turn):
+            turn.wait()
+
+    def _enter(self, key: str, ticket: T | threading.Event) -> bool:
         with self._lock:
             waiting = self._held.get(key)
             if waiting is None:
@@ -45,23 +56,17 @@ class KeyGate(Generic[T]):
 
     def leave(self, key: str) -> T | None:
         """The holder of ``key`` finished: the next parked ticket now holds the key and is
-        returned for the caller to resume; None when nobody waited (the key is free)."""
+        returned for the caller to resume; None when nobody waited (the key is free) or the
+        next in line was a thread in :meth:`wait_turn` (woken here)."""
         with self._lock:
             waiting = self._held.get(key)
             if waiting is None:
                 raise RuntimeError(f"KeyGate.leave({key!r}): the key is not held")
-            if waiting:
-                return waiting.popleft()
-            del self._held[key]
+            if not waiting:
+                del self._held[key]
+                return None
+            nxt = waiting.popleft()
+        if isinstance(nxt, threading.Event):
+            nxt.set()
             return None
-
-    @property
-    def held(self) -> int:
-        """How many keys are held now (for stats and tests)."""
-        return len(self._held)
-
-    @property
-    def parked(self) -> int:
-        """How many tickets wait behind a held key."""
-        with self._lock:
-            return sum(len(w) for w in self._held.values())
+        return nxt

@@ -180,7 +180,7 @@ class Pipeline:
         self._lock = threading.Lock()
         self.dead: collections.OrderedDict[str, Event] = collections.OrderedDict()
         #: One job per key at a time for ordered subscriptions (see _ordering).
-        self.gate: KeyGate[Job | threading.Event] = KeyGate()
+        self.gate: KeyGate[Job] = KeyGate()
         self.counter_lock = threading.Lock()
         #: Set by the bus: acknowledges a group delivery once its job is recorded.
         self.on_acknowledge: Callable[[Job], None] = _no_ack
@@ -401,28 +401,18 @@ class Pipeline:
         """
         if key in self._depth.keys:
             job.gate_key = None
-            return
-        turn = threading.Event()
-        if not self.gate.enter(key, turn):
-            turn.wait()
-
-    def _pass_key(self, key: str) -> None:
-        """A job holding ``key`` concluded: the next one parked behind it may run."""
-        nxt = self.gate.leave(key)
-        if nxt is None:
-            return
-        if isinstance(nxt, threading.Event):
-            nxt.set()  # a caller thread waiting inline
         else:
-            assert self.pool is not None  # a job parks only on its way into the pool
-            self.pool.put_reserved(nxt)
+            self.gate.wait_turn(key)
 
     def _conclude(self, job: Job) -> Job:
         """Give the event its final status; returns the job for :meth:`record`."""
         event = job.event
         job.elapsed = time.perf_counter() - job.started
-        if job.gate_key is not None:
-            self._pass_key(job.gate_key)
+        if job.gate_key is not None:  # the next job parked behind it may run
+            nxt = self.gate.leave(job.gate_key)
+            if nxt is not None:
+                assert self.pool is not None  # a job parks only on its way into the pool
+                self.pool.put_reserved(nxt)
         if job.failures:
             # From the job, not the broker: the subscription may have been removed meanwhile.
             by_id = {s.id: s for s in job.subs}
