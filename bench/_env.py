@@ -10,12 +10,17 @@ from __future__ import annotations
 import asyncio
 import importlib
 import os
+import shutil
 import socket
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
 
 PG_ADMIN_URL = os.environ.get(
     "EVENTBROKER_BENCH_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -39,6 +44,33 @@ def reachable(url: str) -> bool:
 def psycopg_dsn(sa_url: str) -> str:
     """``postgresql+psycopg://...`` -> a libpq URL psycopg accepts."""
     return sa_url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+@contextmanager
+def sqlite_file_engine() -> Iterator[sa.Engine]:
+    """An engine on a SQLite file in a temporary directory, removed (with the file) after."""
+    import sqlalchemy as sa
+
+    tmp = tempfile.mkdtemp(prefix="ebbench-")
+    engine = sa.create_engine(f"sqlite:///{os.path.join(tmp, 'bench.db')}")
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def fresh_pg_engine() -> Iterator[sa.Engine]:
+    """An engine on an empty PostgreSQL database (see :func:`fresh_pg_database`)."""
+    import sqlalchemy as sa
+
+    with fresh_pg_database() as url:
+        engine = sa.create_engine(url)
+        try:
+            yield engine
+        finally:
+            engine.dispose()
 
 
 @contextmanager

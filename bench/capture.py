@@ -14,9 +14,6 @@ on freshly created tables, and the median of the runs is reported.
 from __future__ import annotations
 
 import gc
-import os
-import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,7 +26,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from sqlalchemy_eventbroker import Broker, MemoryProvider
 
-from ._env import PG_ADMIN_URL, fresh_pg_database, optional, reachable
+from ._env import PG_ADMIN_URL, fresh_pg_engine, optional, reachable, sqlite_file_engine
 from ._report import Row, median, na_row, profile_call, ratio_row, us
 
 SECTION = "1. ORM capture overhead (mean per insert/update/delete)"
@@ -186,29 +183,20 @@ def run(quick: bool, runs: int, profile_failures: Callable[[list[Row]], None]) -
     n_single = 300 if quick else 1_500
     rows: list[Row] = []
     # SQLite file.
-    tmp = tempfile.mkdtemp(prefix="ebbench-")
-    engine = sa.create_engine(f"sqlite:///{os.path.join(tmp, 'bench.db')}")
-    try:
+    with sqlite_file_engine() as engine:
         part = _backend_rows("SQLite file", engine, ["plain", "memory"], n, runs)
         profile_failures(part)
         rows += part
-    finally:
-        engine.dispose()
-        shutil.rmtree(tmp, ignore_errors=True)
     # PostgreSQL, a database created for this run.
     if not reachable(PG_ADMIN_URL):
         rows.append(na_row(SECTION, "PostgreSQL", f"server not reachable at {PG_ADMIN_URL}"))
         return rows
-    with fresh_pg_database() as url:
-        engine = sa.create_engine(url)
-        try:
-            part = _backend_rows("PostgreSQL", engine, ["plain", "memory", "outbox"], n, runs)
-            profile_failures(part)
-            rows += part
-            part = _backend_rows("PostgreSQL", engine, ["plain", "outbox"], n_single, runs,
-                                 per_commit=1)
-            profile_failures(part)
-            rows += part
-        finally:
-            engine.dispose()
+    with fresh_pg_engine() as engine:
+        part = _backend_rows("PostgreSQL", engine, ["plain", "memory", "outbox"], n, runs)
+        profile_failures(part)
+        rows += part
+        part = _backend_rows("PostgreSQL", engine, ["plain", "outbox"], n_single, runs,
+                             per_commit=1)
+        profile_failures(part)
+        rows += part
     return rows

@@ -14,9 +14,6 @@ On SQLite (a file, default ``synchronous``) and PostgreSQL (a database created f
 from __future__ import annotations
 
 import gc
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 
@@ -25,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from sqlalchemy_eventbroker import Event, EventSource, new_event
 
-from ._env import PG_ADMIN_URL, fresh_pg_database, optional, reachable
+from ._env import PG_ADMIN_URL, fresh_pg_engine, optional, reachable, sqlite_file_engine
 from ._report import INFO, Row, median, na_row, profile_call, ratio_row, us
 
 SECTION = "Inbox overhead (one INSERT per event in its own transaction)"
@@ -125,24 +122,15 @@ def _backend_rows(label: str, engine: sa.Engine, n: int, runs: int) -> list[Row]
 def run(quick: bool, runs: int, profile_failures: Callable[[list[Row]], None]) -> list[Row]:
     n = 300 if quick else 2_000
     rows: list[Row] = []
-    tmp = tempfile.mkdtemp(prefix="ebbench-")
-    engine = sa.create_engine(f"sqlite:///{os.path.join(tmp, 'bench.db')}")
-    try:
+    with sqlite_file_engine() as engine:
         part = _backend_rows("SQLite file", engine, n, runs)
         profile_failures(part)
         rows += part
-    finally:
-        engine.dispose()
-        shutil.rmtree(tmp, ignore_errors=True)
     if not reachable(PG_ADMIN_URL):
         rows.append(na_row(SECTION, "PostgreSQL", f"server not reachable at {PG_ADMIN_URL}"))
         return rows
-    with fresh_pg_database() as url:
-        engine = sa.create_engine(url)
-        try:
-            part = _backend_rows("PostgreSQL", engine, n, runs)
-            profile_failures(part)
-            rows += part
-        finally:
-            engine.dispose()
+    with fresh_pg_engine() as engine:
+        part = _backend_rows("PostgreSQL", engine, n, runs)
+        profile_failures(part)
+        rows += part
     return rows
