@@ -42,11 +42,6 @@ class GroupSql(Protocol):
         now (0: free them); the seqs that were still held."""
         ...
 
-    def add_claims(self, conn: Connection, gid: int,
-                   claims: Sequence[tuple[int, str, str]]) -> None:
-        """One free claim per ``(seq, event_id, key)``."""
-        ...
-
     def advance(self, conn: Connection, gid: int, old: tuple[int, int], new: tuple[int, int],
                 claims: Sequence[tuple[int, str, str]]) -> bool:
         """Move the group's cursor from ``old`` to ``new`` and add ``claims`` (free), both or
@@ -94,12 +89,6 @@ class PostgresGroupSql:
 
         self._claim = claim_sql("")
         self._claim_ordered = claim_sql(older)
-        self._add = sa.text(
-            f"INSERT INTO {ct} (group_id, seq, event_id, lease_until, token, deliveries, key) "
-            f"SELECT :gid, u.seq, u.id, 0, '', 0, u.key FROM "
-            f"unnest(CAST(:seqs AS bigint[]), CAST(:ids AS uuid[]), CAST(:keys AS text[])) "
-            f"AS u(seq, id, key)"
-        )
         # The cursor's compare-and-set and the claims it adds in one statement (its own
         # transaction in autocommit): the filler's read needs no transaction around it, so a
         # page costs three round trips (group row, page, this) instead of six with BEGIN and
@@ -140,11 +129,6 @@ class PostgresGroupSql:
         rows = conn.execute(self._relet, {"gid": gid, "seqs": [s for s, _ in held],
                                           "tokens": [t for _, t in held], "lease": lease}).all()
         return {int(r[0]) for r in rows}
-
-    def add_claims(self, conn: Connection, gid: int,
-                   claims: Sequence[tuple[int, str, str]]) -> None:
-        conn.execute(self._add, {"gid": gid, "seqs": [c[0] for c in claims],
-                                 "ids": [c[1] for c in claims], "keys": [c[2] for c in claims]})
 
     def advance(self, conn: Connection, gid: int, old: tuple[int, int], new: tuple[int, int],
                 claims: Sequence[tuple[int, str, str]]) -> bool:
@@ -233,14 +217,6 @@ class GenericGroupSql:
                 kept.add(seq)
         return kept
 
-    def add_claims(self, conn: Connection, gid: int,
-                   claims: Sequence[tuple[int, str, str]]) -> None:
-        conn.execute(self._c.insert(), [
-            {"group_id": gid, "seq": seq, "event_id": event_id, "lease_until": 0.0, "token": "",
-             "deliveries": 0, "key": key}
-            for seq, event_id, key in claims
-        ])
-
     def advance(self, conn: Connection, gid: int, old: tuple[int, int], new: tuple[int, int],
                 claims: Sequence[tuple[int, str, str]]) -> bool:
         g = self._g
@@ -249,8 +225,12 @@ class GenericGroupSql:
             .where(g.c.id == gid, g.c.cursor_tx == old[0], g.c.cursor_seq == old[1])
             .values(cursor_tx=new[0], cursor_seq=new[1])
         ).rowcount
-        if moved and claims:
-            self.add_claims(conn, gid, claims)
+        if moved and claims:  # one free claim per (seq, event_id, key)
+            conn.execute(self._c.insert(), [
+                {"group_id": gid, "seq": seq, "event_id": event_id, "lease_until": 0.0,
+                 "token": "", "deliveries": 0, "key": key}
+                for seq, event_id, key in claims
+            ])
         return bool(moved)
 
     def renew(self, conn: Connection, gid: int, seq: int, token: str, lease: float) -> bool:
