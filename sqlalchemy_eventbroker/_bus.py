@@ -12,12 +12,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from ._pipeline import RECEIVED, Job, Pipeline, Subscription
 from ._threads import QuietThread
-from .providers._group_stream import BatchGroupStream
-from .providers.base import BusProvider, Delivery, EventStream, GroupStream
+from .providers.base import BusProvider, Delivery, EventStream
 
 __all__ = ["Bus"]
 
@@ -147,7 +146,7 @@ class Bus:
         # (locks, lease tracking, the pool's wake-up) is paid per batch, not per event.
         limit = 1 if pipeline.sync else max(1, pipeline.worker_count) * IN_FLIGHT_PER_WORKER
         slots = threading.BoundedSemaphore(limit)
-        take = _batch_receiver(stream)
+        take = stream.receive_many
         while sub.active and self.running:
             if not slots.acquire(timeout=POLL):
                 continue
@@ -240,18 +239,6 @@ class Bus:
                     del last[key]
             self._renew_wake.wait(max(0.05, shortest / 6))
             self._renew_wake.clear()
-
-
-def _batch_receiver(stream: GroupStream) -> Callable[[int, float], Sequence[Delivery]]:
-    """``take(limit, timeout)``: a batch from a :class:`BatchGroupStream`, else one."""
-    if isinstance(stream, BatchGroupStream):
-        return stream.receive_many
-
-    def one(limit: int, timeout: float) -> Sequence[Delivery]:
-        delivery = stream.receive(timeout=timeout)
-        return () if delivery is None else (delivery,)
-
-    return one
 
 
 def _close_quietly(obj: object) -> None:

@@ -32,7 +32,13 @@ from ._workers import AsyncRunner, StatusWriter, WorkerPool
 from .errors import BrokerStopped, HandlerError, PublishDepthExceeded
 from .event import Event, EventStatus
 from .metrics import BrokerMetrics
-from .providers.base import BusProvider, Delivery, GroupStream, StatusUpdate, TransactionalProvider
+from .providers.base import (
+    BatchGroupStream,
+    BusProvider,
+    Delivery,
+    StatusUpdate,
+    TransactionalProvider,
+)
 from .retry import RetryPolicy
 from .tracing import start_process, start_publish
 
@@ -103,7 +109,7 @@ class Subscription:
     match: Callable[[str], bool]
     group: str | None = None
     lease: float = 30.0
-    stream: GroupStream | None = None
+    stream: BatchGroupStream | None = None
     thread: threading.Thread | None = None
     active: bool = True
     #: Events with the same non-empty key reach this subscription one at a time, in order.

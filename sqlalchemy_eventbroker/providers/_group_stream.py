@@ -33,7 +33,7 @@ import threading
 import time
 import uuid
 from collections.abc import Collection, Sequence
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ..event import Event
 from ..pattern import compile_pattern
@@ -43,28 +43,11 @@ from .base import Closeable
 if TYPE_CHECKING:
     from ._remote import RemoteProvider
 
-__all__ = ["BatchGroupStream", "BufferedDelivery", "BufferedGroupStream"]
+__all__ = ["BufferedDelivery", "BufferedGroupStream"]
 
 log = logging.getLogger(__name__)
 
 TokenT = TypeVar("TokenT")
-
-
-@runtime_checkable
-class BatchGroupStream(Protocol):
-    """A group member that also hands out deliveries in batches.
-
-    Every group stream of this package is one (Redis, NATS, databases); the broker takes a
-    batch per call from one, and falls back to ``receive`` for any other ``GroupStream``.
-    """
-
-    def receive_many(self, limit: int, timeout: float | None = None) -> Sequence[Any]:
-        """Up to ``limit`` deliveries, at least one unless ``timeout`` passed (then ``[]``).
-
-        Raises:
-            StopIteration: the stream was closed.
-        """
-        ...
 
 
 class BufferedDelivery(Generic[TokenT]):

@@ -16,7 +16,7 @@ from .._types import JSON
 from ..errors import ProviderError
 from ..pattern import validate_pattern
 from ._urls import redact_url
-from .base import GroupStream, ProviderBase, ProviderStats, QueueEventStream
+from .base import ProviderBase, ProviderStats, QueueEventStream
 
 if TYPE_CHECKING:
     from ._group_stream import BufferedGroupStream
@@ -106,7 +106,7 @@ class RemoteProvider(ProviderBase, Generic[StreamT]):
                 self._streams.remove(s)
 
     def group_stream(self, pattern: str, group: str, *, lease: float = 30.0,
-                     ordered: bool = False) -> GroupStream:
+                     ordered: bool = False) -> BufferedGroupStream[Any]:
         """A competing-consumer member of ``(group, pattern)`` (see the module docstring);
         ``ordered``: one active member at a time (see ``_group_stream``)."""
         validate_pattern(pattern)

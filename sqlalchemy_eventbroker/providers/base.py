@@ -197,6 +197,20 @@ class GroupStream(Protocol):
 
 
 @runtime_checkable
+class BatchGroupStream(GroupStream, Protocol):
+    """The group member the broker reads: it also hands out deliveries in batches, so the
+    broker dispatches and settles a batch together (its bookkeeping paid per batch)."""
+
+    def receive_many(self, limit: int, timeout: float | None = None) -> Sequence[Delivery]:
+        """Up to ``limit`` deliveries, at least one unless ``timeout`` passed (then ``[]``).
+
+        Raises:
+            StopIteration: the stream was closed.
+        """
+        ...
+
+
+@runtime_checkable
 class Provider(Protocol):
     """API.md section 4: what a third-party provider must implement, at the least.
 
@@ -288,6 +302,11 @@ class BusProvider(Provider, Protocol):
 
     def stream(self, pattern: str, *, exclude_origin: str = "") -> EventStream:
         """A fan-out stream; events published with ``origin == exclude_origin`` are skipped."""
+        ...
+
+    def group_stream(self, pattern: str, group: str, *, lease: float = 30.0,
+                     ordered: bool = False) -> BatchGroupStream:
+        """A member of ``(group, pattern)`` that also hands out batches."""
         ...
 
 
@@ -441,12 +460,37 @@ class _SectionFourAdapter:
             return inner
         return _SkipOwnStream(inner, self, exclude_origin)
 
+    def group_stream(self, pattern: str, group: str, *, lease: float = 30.0,
+                     ordered: bool = False) -> BatchGroupStream:
+        if ordered:  # only then: a section-4 provider may not know the option
+            inner = self._inner.group_stream(pattern, group, lease=lease, ordered=True)
+        else:
+            inner = self._inner.group_stream(pattern, group, lease=lease)
+        return _OneAtATime(inner)
+
     def _is_own(self, event_id: str, origin: str) -> bool:
         with self._own_lock:
             if self._own.get(event_id) == origin:
                 del self._own[event_id]
                 return True
             return False
+
+
+class _OneAtATime(Closeable):
+    """A section-4 provider's group stream, serving ``receive_many`` one delivery a call."""
+
+    def __init__(self, inner: GroupStream) -> None:
+        self._inner = inner
+
+    def receive(self, timeout: float | None = None) -> Delivery | None:
+        return self._inner.receive(timeout)
+
+    def receive_many(self, limit: int, timeout: float | None = None) -> Sequence[Delivery]:
+        delivery = self._inner.receive(timeout)
+        return () if delivery is None else (delivery,)
+
+    def close(self) -> None:
+        self._inner.close()
 
 
 class _SkipOwnStream(Closeable):

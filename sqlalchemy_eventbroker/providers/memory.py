@@ -226,9 +226,9 @@ class MemoryProvider(ProviderBase):
         # Caller holds self._lock.
         self._targets = (tuple(self._streams), tuple(self._groups.values()))
 
-    def _count_consumed(self) -> None:
+    def _count_consumed(self, n: int = 1) -> None:
         with self._lock:
-            self._consumed += 1
+            self._consumed += n
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -402,6 +402,11 @@ class _GroupStream(Closeable):
         self._closed = False
 
     def receive(self, timeout: float | None = None) -> _Delivery | None:
+        got = self.receive_many(1, timeout)
+        return got[0] if got else None
+
+    def receive_many(self, limit: int, timeout: float | None = None) -> list[_Delivery]:
+        """Up to ``limit`` deliveries leased under one lock; ``[]`` once ``timeout`` passed."""
         g = self._group
         end = None if timeout is None else time.monotonic() + timeout
         with g.cond:
@@ -410,17 +415,19 @@ class _GroupStream(Closeable):
                     raise StopIteration
                 now = time.monotonic()
                 next_deadline = g._requeue_expired(now)
-                event = g.take()
-                if event is not None:
+                out: list[_Delivery] = []
+                while len(out) < limit and (event := g.take()) is not None:
                     token = next(g.tokens)
                     g.leased[event.id] = (now + self._lease, event, token)
-                    self._provider._count_consumed()
-                    return _Delivery(g, event.clone(), self._lease, token)
+                    out.append(_Delivery(g, event.clone(), self._lease, token))
+                if out:
+                    self._provider._count_consumed(len(out))
+                    return out
                 wait_until = end
                 if next_deadline is not None and (wait_until is None or next_deadline < wait_until):
                     wait_until = next_deadline
                 if end is not None and now >= end:
-                    return None
+                    return []
                 g.cond.wait(None if wait_until is None else max(0.0, wait_until - now))
 
     def close(self) -> None:
